@@ -1,0 +1,3 @@
+"""workload-extproc: workload-aware fair queuing for Envoy, as an ext_proc service."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,49 @@
+"""The HTTP admin listener: liveness, readiness and the workload read API as JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+
+from extproc.readapi import WorkloadReader
+
+_READER = web.AppKey("reader", WorkloadReader)
+_IS_READY = web.AppKey("is_ready", Callable[[], bool])
+
+
+def make_admin_app(reader: WorkloadReader, is_ready: Callable[[], bool]) -> web.Application:
+    app = web.Application()
+    app[_READER] = reader
+    app[_IS_READY] = is_ready
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/v1/workloads", _list_workloads)
+    app.router.add_get("/v1/workloads/{workload_id}", _get_workload)
+    return app
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    if request.app[_IS_READY]():
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "not ready"}, status=503)
+
+
+async def _list_workloads(request: web.Request) -> web.Response:
+    statuses = request.app[_READER].list()
+    return web.json_response({"workloads": [status.as_json() for status in statuses]})
+
+
+async def _get_workload(request: web.Request) -> web.Response:
+    workload_id = request.match_info["workload_id"]
+    status = request.app[_READER].get(workload_id)
+    if status is None:
+        return web.json_response(
+            {"error": "not_found", "detail": f"workload {workload_id!r} is not tracked"},
+            status=404,
+        )
+    return web.json_response(status.as_json())

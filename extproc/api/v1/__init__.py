@@ -1,0 +1,1 @@
+"""Generated from protos/extproc/api/v1 by `make protos`."""

@@ -1,0 +1,151 @@
+"""Wiring: build the registry, datastore, policy, queue and servers from Settings, and run them.
+
+Lifecycle: `start` binds the gRPC port (ext_proc stream, read API, health,
+reflection) and the HTTP admin port, then reports ready. `stop` reports not
+ready, rejects every queued request with 503 `shutdown`, and gives streams in
+flight `grace` seconds to finish before the server cancels them -- each
+cancellation still runs its stream's completion bookkeeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+
+import grpc
+import structlog
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from extproc.admin import make_admin_app
+from extproc.api.v1 import registry_pb2, registry_pb2_grpc
+from extproc.clock import SystemClock
+from extproc.config import Settings, parse_address
+from extproc.context import ContextParser
+from extproc.contracts import Clock
+from extproc.datastore import RegistryDatastore
+from extproc.policy import make_policy
+from extproc.queue import FlowController
+from extproc.readapi import WorkloadReader, WorkloadRegistryService
+from extproc.registry import InMemoryWorkloadRegistry
+from extproc.server import ExternalProcessorService
+
+# Envoy's message timeout is extended by this much beyond the queue timeout, so
+# that the queue, not Envoy, decides when a held request has waited too long.
+HOLD_MARGIN = 1.0
+EXT_PROC_SERVICE = ext_proc_pb.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
+REGISTRY_SERVICE = registry_pb2.DESCRIPTOR.services_by_name["WorkloadRegistry"].full_name
+HEALTH_SERVICES = ("", "liveness", "readiness", EXT_PROC_SERVICE)
+
+
+class Service:
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        clock = clock or SystemClock()
+        self.registry = InMemoryWorkloadRegistry(
+            clock, ema_alpha=settings.wait_ema_alpha, rate_window=settings.rate_window
+        )
+        self.datastore = RegistryDatastore(self.registry)
+        policy = make_policy(settings.policy, self.datastore, clock, settings.score_weights())
+        self.flow = FlowController(
+            policy,
+            clock,
+            max_concurrency=settings.max_concurrency,
+            max_queue=settings.max_queue,
+            queue_timeout=settings.queue_timeout,
+        )
+        parser = ContextParser(
+            settings.default_workload if settings.on_missing_context == "default" else None
+        )
+        self.ext_proc = ExternalProcessorService(
+            self.datastore,
+            self.flow,
+            parser,
+            clock,
+            hold_timeout=settings.queue_timeout + HOLD_MARGIN,
+        )
+        self.reader = WorkloadReader(self.datastore, self.flow)
+        self.health = HealthServicer()
+        self.ready = False
+        self.grpc_port = 0
+        self.admin_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._admin: web.AppRunner | None = None
+        self._log = structlog.get_logger("extproc")
+
+    async def start(self) -> None:
+        server = grpc.aio.server()
+        ext_proc_grpc.add_ExternalProcessorServicer_to_server(self.ext_proc, server)
+        registry_pb2_grpc.add_WorkloadRegistryServicer_to_server(
+            WorkloadRegistryService(self.reader), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (EXT_PROC_SERVICE, REGISTRY_SERVICE, reflection.SERVICE_NAME, "grpc.health.v1.Health"),
+            server,
+        )
+        self.grpc_port = server.add_insecure_port(self.settings.listen)
+        if self.grpc_port == 0:
+            raise OSError(f"cannot listen on {self.settings.listen}")
+        await server.start()
+        self._server = server
+        self._admin = await self._start_admin()
+        await self._set_ready(True)
+        self._log.info(
+            "serving",
+            grpc=self.settings.listen.rsplit(":", 1)[0] + f":{self.grpc_port}",
+            admin=self.settings.admin_listen.rsplit(":", 1)[0] + f":{self.admin_port}",
+            policy=self.settings.policy,
+            max_concurrency=self.settings.max_concurrency,
+            max_queue=self.settings.max_queue,
+            queue_timeout=self.settings.queue_timeout,
+        )
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self._set_ready(False)
+        self.flow.close()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self._admin is not None:
+            await self._admin.cleanup()
+            self._admin = None
+        self._log.info("stopped")
+
+    async def _start_admin(self) -> web.AppRunner:
+        runner = web.AppRunner(make_admin_app(self.reader, lambda: self.ready), access_log=None)
+        await runner.setup()
+        host, port = parse_address(self.settings.admin_listen)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family)
+        self.admin_port = sock.getsockname()[1]
+        await web.SockSite(runner, sock).start()
+        return runner
+
+    async def _set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in HEALTH_SERVICES:
+            # Liveness stays SERVING while the process runs; the rest follow readiness.
+            alive = name == "liveness"
+            await self.health.set(name, serving if ready or alive else not_serving)
+
+
+async def run(settings: Settings) -> None:
+    """Serve until SIGINT or SIGTERM, then stop gracefully."""
+    service = Service(settings)
+    await service.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await service.stop()

@@ -1,0 +1,82 @@
+"""Settings for `extproc serve`: one declaration per setting, read from flags and env.
+
+Each field is a command-line flag (`max_queue` -> `--max-queue`) and an
+environment variable (`EXTPROC_MAX_QUEUE`). Precedence: flags > environment >
+defaults. Validation happens once, at start, and a bad value stops the process
+with one line naming the setting.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from extproc.policy import POLICIES, ScoreWeights
+
+ENV_PREFIX = "EXTPROC_"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    listen: str = Field("127.0.0.1:9002", description="gRPC address (ext_proc, read API, health)")
+    admin_listen: str = Field("127.0.0.1:9003", description="HTTP admin address")
+    max_concurrency: int = Field(0, ge=0, description="requests in flight at once; 0 = unlimited")
+    max_queue: int = Field(10_000, ge=0, description="requests waiting at once, all workloads")
+    queue_timeout: float = Field(30.0, gt=0, le=3600, description="longest wait in the queue, s")
+    policy: str = Field("workload-aware", description=f"one of {', '.join(sorted(POLICIES))}")
+    on_missing_context: Literal["default", "reject"] = Field(
+        "default", description="requests with no workload header: use --default-workload, or 400"
+    )
+    default_workload: str = Field("default", min_length=1, max_length=128)
+    wait_ema_alpha: float = Field(0.2, gt=0, le=1, description="EMA factor of the average wait")
+    rate_window: float = Field(60.0, ge=1, description="sliding window of the request rate, s")
+    weight_wait: float = Field(0.4, ge=0, description="workload-aware: weight of the wait term")
+    weight_criticality: float = Field(0.4, ge=0, description="workload-aware: criticality weight")
+    weight_rate: float = Field(0.2, ge=0, description="workload-aware: weight of the rate penalty")
+    wait_saturation: float = Field(60.0, gt=0, description="workload-aware: wait term cap, s")
+    rate_saturation: float = Field(100.0, gt=0, description="workload-aware: rate cap, req/s")
+    log_format: Literal["json", "console"] = Field("json", description="json or console")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("listen", "admin_listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_address(value)
+        return value
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, value: str) -> str:
+        if value not in POLICIES:
+            raise ValueError(f"unknown policy {value!r}; choose from {', '.join(sorted(POLICIES))}")
+        return value
+
+    def score_weights(self) -> ScoreWeights:
+        return ScoreWeights(
+            wait=self.weight_wait,
+            criticality=self.weight_criticality,
+            rate=self.weight_rate,
+            wait_saturation=self.wait_saturation,
+            rate_saturation=self.rate_saturation,
+        )
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line naming the first bad setting, as the user spelled it on the command line."""
+    first = error.errors()[0]
+    name = str(first["loc"][0]) if first["loc"] else "settings"
+    flag = "--" + name.replace("_", "-")
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f"={value}"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return f"invalid setting {flag}{shown} (env {ENV_PREFIX}{name.upper()}): {message}"

@@ -1,0 +1,120 @@
+"""Which workload a request belongs to, read from its headers.
+
+Order of precedence:
+1. `x-workload-context: {"workload_id": "...", "criticality": 1..5}`
+   (criticality defaults to 3; unknown fields are ignored);
+2. `x-gateway-inference-fairness-id: <id>` (the Gateway API Inference
+   Extension's header), criticality 3;
+3. neither: the configured default workload, or an error when none is set.
+
+Anything malformed raises `ContextError`, which the server answers with a 400.
+A bad header is never turned into a fresh workload: that would let every
+request mint a registry entry and jump the queue as a newcomer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+WORKLOAD_CONTEXT_HEADER = "x-workload-context"
+FAIRNESS_ID_HEADER = "x-gateway-inference-fairness-id"
+MAX_HEADER_BYTES = 1024
+MAX_ID_BYTES = 128
+MIN_CRITICALITY = 1
+MAX_CRITICALITY = 5
+DEFAULT_CRITICALITY = 3
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadContext:
+    workload_id: str
+    criticality: int = DEFAULT_CRITICALITY
+
+
+class ContextError(ValueError):
+    """The request's workload headers are unusable; `str(error)` says why."""
+
+    def __init__(self, header: str, detail: str) -> None:
+        super().__init__(f"{header}: {detail}")
+        self.header = header
+        self.detail = detail
+
+
+class ContextParser:
+    def __init__(self, default_workload: str | None = "default") -> None:
+        if default_workload is not None:
+            _check_id("--default-workload", "default workload", default_workload)
+        self._default = default_workload
+
+    def parse(self, headers: dict[str, list[bytes]]) -> WorkloadContext:
+        """Headers by lower-case name, each with every value it was sent with."""
+        context = headers.get(WORKLOAD_CONTEXT_HEADER)
+        if context is not None:
+            return _parse_context(_single(WORKLOAD_CONTEXT_HEADER, context))
+        fairness = headers.get(FAIRNESS_ID_HEADER)
+        if fairness is not None:
+            raw = _single(FAIRNESS_ID_HEADER, fairness)
+            workload_id = _decode(FAIRNESS_ID_HEADER, raw)
+            return WorkloadContext(_check_id(FAIRNESS_ID_HEADER, "workload id", workload_id))
+        if self._default is None:
+            raise ContextError(
+                WORKLOAD_CONTEXT_HEADER,
+                f"missing: send {WORKLOAD_CONTEXT_HEADER} or {FAIRNESS_ID_HEADER}",
+            )
+        return WorkloadContext(self._default)
+
+
+def _single(header: str, values: list[bytes]) -> bytes:
+    if len(values) != 1:
+        raise ContextError(header, f"sent {len(values)} times; send it once")
+    if len(values[0]) > MAX_HEADER_BYTES:
+        raise ContextError(header, f"longer than {MAX_HEADER_BYTES} bytes")
+    return values[0]
+
+
+def _decode(header: str, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ContextError(header, "not valid UTF-8") from None
+
+
+def _parse_context(raw: bytes) -> WorkloadContext:
+    header = WORKLOAD_CONTEXT_HEADER
+    try:
+        value = json.loads(_decode(header, raw))
+    except (ValueError, RecursionError):
+        raise ContextError(header, "not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ContextError(header, "must be a JSON object")
+    workload_id = value.get("workload_id")
+    if not isinstance(workload_id, str):
+        raise ContextError(header, "workload_id must be a string")
+    criticality = value.get("criticality", DEFAULT_CRITICALITY)
+    # bool is an int in Python; `true` is not a criticality.
+    if not isinstance(criticality, int) or isinstance(criticality, bool):
+        raise ContextError(header, "criticality must be an integer")
+    if not MIN_CRITICALITY <= criticality <= MAX_CRITICALITY:
+        raise ContextError(
+            header,
+            f"criticality must be from {MIN_CRITICALITY} to {MAX_CRITICALITY}, got {criticality}",
+        )
+    return WorkloadContext(_check_id(header, "workload_id", workload_id), criticality)
+
+
+def _check_id(header: str, what: str, workload_id: str) -> str:
+    if not workload_id:
+        raise ContextError(header, f"{what} must not be empty")
+    try:
+        size = len(workload_id.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ContextError(header, f"{what} is not valid Unicode") from None
+    if size > MAX_ID_BYTES:
+        raise ContextError(header, f"{what} longer than {MAX_ID_BYTES} bytes")
+    if _CONTROL.search(workload_id):
+        raise ContextError(header, f"{what} contains control characters")
+    return workload_id

@@ -1,0 +1,102 @@
+"""The contracts the rest of the service depends on.
+
+Implementations live in their own modules (`clock`, `registry`, `datastore`,
+`policy`, `queue`); everything here is either a Protocol or a frozen value
+that crosses a module boundary. Dependencies point one way: implementations
+import this module, never the reverse.
+
+The data path, top to bottom::
+
+    server (one ext_proc stream per HTTP request)
+      -> Datastore          the three tracking points and the metric reads
+           -> WorkloadRegistry   per-workload counters, returns copies
+      -> FlowController     holds the request until there is capacity
+           -> Policy.less        which queued request goes next
+                -> Datastore.workload_get_metrics
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    """Monotonic seconds and one-shot timers; injected so tests run on virtual time."""
+
+    def now(self) -> float: ...
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadMetrics:
+    """A copy of one workload's counters at one moment (the seed's six fields)."""
+
+    workload_id: str
+    total_requests: int
+    active_requests: int
+    average_wait_time: float
+    """Seconds; EMA of enqueue-to-dispatch time. 0 until the first dispatch."""
+    dispatched_count: int
+    request_rate: float
+    """Requests per second over the sliding rate window."""
+
+
+class WorkloadRegistry(Protocol):
+    """Per-workload counters. Safe to call from any thread; reads return copies."""
+
+    def increment_active(self, workload_id: str) -> None: ...
+
+    def decrement_active(self, workload_id: str) -> None: ...
+
+    def record_dispatch(self, workload_id: str, wait_time: float) -> None: ...
+
+    def get_metrics(self, workload_id: str) -> WorkloadMetrics | None: ...
+
+    def get_request_rate(self, workload_id: str) -> float: ...
+
+    def list_metrics(self) -> list[WorkloadMetrics]: ...
+
+
+class Datastore(Protocol):
+    """The facade the stream handler writes through and the policies read through."""
+
+    def workload_handle_new_request(self, workload_id: str) -> None: ...
+
+    def workload_handle_dispatched_request(self, workload_id: str, wait_time: float) -> None: ...
+
+    def workload_handle_completed_request(self, workload_id: str) -> None: ...
+
+    def workload_get_metrics(self, workload_id: str) -> WorkloadMetrics | None: ...
+
+    def workload_get_request_rate(self, workload_id: str) -> float: ...
+
+    def get_workload_registry(self) -> WorkloadRegistry: ...
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRequest:
+    """What a policy sees of a request waiting in the flow-control queue."""
+
+    workload_id: str
+    criticality: int
+    enqueued_at: float
+    """Clock time at enqueue; the start of the request's queue wait."""
+    seq: int
+    """Arrival order across all workloads; the FCFS tie-break."""
+
+
+class Policy(Protocol):
+    """Orders queued requests. Consulted at every dispatch, so it sees live metrics."""
+
+    name: str
+
+    def less(self, a: QueuedRequest, b: QueuedRequest) -> bool:
+        """True when `a` should be dispatched before `b`."""
+        ...

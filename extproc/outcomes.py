@@ -1,0 +1,67 @@
+"""How a request leaves the flow-control queue, and the one place that maps it to HTTP."""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+
+DROPPED_REASON_HEADER = "x-workload-dropped-reason"
+
+
+class Outcome(enum.Enum):
+    """Every exit from `FlowController.enqueue_and_wait` is exactly one of these."""
+
+    DISPATCHED = "dispatched"
+    REJECTED_QUEUE_FULL = "queue-full"
+    EVICTED_QUEUE_TIMEOUT = "queue-timeout"
+    EVICTED_CLIENT_GONE = "client-gone"
+    REJECTED_SHUTDOWN = "shutdown"
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An HTTP answer that ends the request in Envoy, before any backend sees it."""
+
+    status: int
+    reason: str
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    retry_after: int | None = None
+
+    def headers(self) -> list[tuple[str, str]]:
+        headers = [(DROPPED_REASON_HEADER, self.reason), ("content-type", self.content_type)]
+        if self.retry_after is not None:
+            headers.append(("retry-after", str(self.retry_after)))
+        return headers
+
+
+_FLOW_REJECTIONS = {
+    Outcome.REJECTED_QUEUE_FULL: (429, "the queue is full; retry later"),
+    Outcome.EVICTED_QUEUE_TIMEOUT: (503, "waited too long in the queue for capacity"),
+    Outcome.REJECTED_SHUTDOWN: (503, "the flow-control service is shutting down"),
+    # Nobody is left to read it; defined so every outcome has an answer.
+    Outcome.EVICTED_CLIENT_GONE: (499, "the client went away while queued"),
+}
+
+
+def rejection_for(outcome: Outcome, retry_after: int = 1) -> Rejection:
+    """The response for a request the queue did not dispatch."""
+    status, text = _FLOW_REJECTIONS[outcome]
+    return Rejection(
+        status=status,
+        reason=outcome.value,
+        body=f"{outcome.value}: {text}\n".encode(),
+        retry_after=retry_after if status in (429, 503) else None,
+    )
+
+
+def invalid_request(header: str, detail: str) -> Rejection:
+    """400 for unusable workload headers; the JSON body names the header and the problem."""
+    body = {"error": "invalid_workload_context", "header": header, "detail": detail}
+    return Rejection(
+        status=400,
+        reason="invalid-workload-context",
+        body=json.dumps(body).encode() + b"\n",
+        content_type="application/json",
+    )

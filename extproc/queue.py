@@ -1,0 +1,220 @@
+"""The flow-control queue: hold requests until there is capacity, release them in policy order.
+
+Algorithm
+- Requests are grouped into flows, one per (workload id, criticality); each
+  flow is a FIFO. At every dispatch the policy's `less` compares the heads of
+  all non-empty flows and the winner is released. Scores therefore come from
+  the metrics of that instant, never from keys stored at enqueue time.
+- Capacity is a limit C on requests in flight (released, not yet completed);
+  C = 0 means unlimited. A request is released the moment it is enqueued if a
+  slot is free, and each completion releases the next one synchronously: no
+  polling tick, no idle gap. Invariant: the queue is non-empty only while all
+  C slots are taken.
+- Limits: at most `max_queue` requests wait (beyond that: queue-full), each
+  for at most `queue_timeout` seconds (then: queue-timeout, via a clock timer).
+
+Guarantees
+- Every ticket ends in exactly one `Outcome`, and a slot is taken only by a
+  DISPATCHED ticket and given back exactly once, by `Ticket.close`.
+- Cancellation (the client went away, Envoy reset the stream): the awaiting
+  task gets `CancelledError` in `Ticket.wait`. A queued ticket leaves its flow
+  at once. A ticket that the queue released in the same instant -- its slot
+  taken, but the waiter cancelled before it could resume -- is turned into
+  EVICTED_CLIENT_GONE and its slot handed to the next request, so the race
+  loses no capacity and dispatches nothing to a dead stream.
+
+Concurrency: single-threaded, on the event loop that owns the controller;
+only the policy's metric reads reach across threads (through the registry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from extproc.contracts import Clock, Policy, QueuedRequest, TimerHandle
+from extproc.outcomes import Outcome
+
+FlowKey = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class FlowRequest:
+    workload_id: str
+    criticality: int
+
+
+class Ticket:
+    """One request's passage through the queue."""
+
+    __slots__ = ("_controller", "_future", "_holds_slot", "_timer", "outcome", "request", "wait_time")
+
+    def __init__(self, controller: FlowController, request: QueuedRequest) -> None:
+        self._controller = controller
+        self.request = request
+        self.outcome: Outcome | None = None
+        self.wait_time = 0.0
+        """Seconds from enqueue until the outcome was decided."""
+        self._holds_slot = False
+        self._future: asyncio.Future[Outcome] | None = None
+        self._timer: TimerHandle | None = None
+
+    async def wait(self) -> Outcome:
+        """The outcome, once decided. Cancelling the caller abandons the ticket."""
+        if self.outcome is not None:
+            return self.outcome
+        self._future = asyncio.get_running_loop().create_future()
+        try:
+            return await self._future
+        except asyncio.CancelledError:
+            if self.outcome is Outcome.DISPATCHED:
+                # Released in the very instant the caller was cancelled: nobody will
+                # forward the request, so it counts as gone and its slot moves on.
+                self.outcome = Outcome.EVICTED_CLIENT_GONE
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """The request is over: leave the queue if still in it, give back its slot if held.
+
+        Idempotent; call it once the response completed or the stream ended.
+        """
+        if self.outcome is None:
+            self._controller._evict(self, Outcome.EVICTED_CLIENT_GONE)
+        if self._holds_slot:
+            self._holds_slot = False
+            self._controller._free_slot()
+
+    def _decide(self, outcome: Outcome, now: float) -> None:
+        self.outcome = outcome
+        self.wait_time = now - self.request.enqueued_at
+        self._holds_slot = outcome is Outcome.DISPATCHED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._future is not None and not self._future.done():
+            self._future.set_result(outcome)
+
+
+class FlowController:
+    def __init__(
+        self,
+        policy: Policy,
+        clock: Clock,
+        *,
+        max_concurrency: int = 0,
+        max_queue: int = 10_000,
+        queue_timeout: float | None = 30.0,
+    ) -> None:
+        if max_concurrency < 0 or max_queue < 0:
+            raise ValueError("max_concurrency and max_queue must be >= 0")
+        if queue_timeout is not None and queue_timeout <= 0:
+            raise ValueError("queue_timeout must be positive")
+        self._policy = policy
+        self._clock = clock
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self.queue_timeout = queue_timeout
+        self._flows: dict[FlowKey, OrderedDict[int, Ticket]] = {}
+        self._queued_by_workload: dict[str, int] = {}
+        self._queued = 0
+        self._in_flight = 0
+        self._seq = itertools.count()
+        self._closed = False
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def queued_for(self, workload_id: str) -> int:
+        return self._queued_by_workload.get(workload_id, 0)
+
+    def enqueue(self, request: FlowRequest) -> Ticket:
+        """Admit a request; its ticket is decided at once when a slot is free or the queue full."""
+        now = self._clock.now()
+        ticket = Ticket(self, QueuedRequest(request.workload_id, request.criticality, now, next(self._seq)))
+        if self._closed:
+            ticket._decide(Outcome.REJECTED_SHUTDOWN, now)
+        elif self._has_free_slot():
+            self._take_slot(ticket, now)
+        elif self._queued >= self.max_queue:
+            ticket._decide(Outcome.REJECTED_QUEUE_FULL, now)
+        else:
+            self._push(ticket)
+        return ticket
+
+    async def enqueue_and_wait(self, request: FlowRequest) -> Ticket:
+        """Enqueue and wait for the outcome; `close` the ticket when the request is over."""
+        ticket = self.enqueue(request)
+        await ticket.wait()
+        return ticket
+
+    def close(self) -> None:
+        """Refuse new requests and reject every queued one with REJECTED_SHUTDOWN."""
+        self._closed = True
+        for flow in list(self._flows.values()):
+            for ticket in list(flow.values()):
+                self._evict(ticket, Outcome.REJECTED_SHUTDOWN)
+
+    def _push(self, ticket: Ticket) -> None:
+        request = ticket.request
+        key = (request.workload_id, request.criticality)
+        flow = self._flows.get(key)
+        if flow is None:
+            flow = self._flows[key] = OrderedDict()
+        flow[request.seq] = ticket
+        self._queued += 1
+        self._queued_by_workload[request.workload_id] = self.queued_for(request.workload_id) + 1
+        if self.queue_timeout is not None:
+            ticket._timer = self._clock.call_later(self.queue_timeout, lambda: self._evict(ticket, Outcome.EVICTED_QUEUE_TIMEOUT))
+
+    def _remove(self, ticket: Ticket) -> None:
+        request = ticket.request
+        key = (request.workload_id, request.criticality)
+        flow = self._flows[key]
+        del flow[request.seq]
+        if not flow:
+            del self._flows[key]
+        self._queued -= 1
+        left = self._queued_by_workload[request.workload_id] - 1
+        if left:
+            self._queued_by_workload[request.workload_id] = left
+        else:
+            del self._queued_by_workload[request.workload_id]
+
+    def _has_free_slot(self) -> bool:
+        return self.max_concurrency == 0 or self._in_flight < self.max_concurrency
+
+    def _take_slot(self, ticket: Ticket, now: float) -> None:
+        self._in_flight += 1
+        ticket._decide(Outcome.DISPATCHED, now)
+
+    def _free_slot(self) -> None:
+        self._in_flight -= 1
+        self._dispatch_ready()
+
+    def _dispatch_ready(self) -> None:
+        while self._flows and self._has_free_slot():
+            ticket = self._pick()
+            self._remove(ticket)
+            self._take_slot(ticket, self._clock.now())
+
+    def _pick(self) -> Ticket:
+        flows = iter(self._flows.values())
+        best = next(iter(next(flows).values()))
+        for flow in flows:
+            head = next(iter(flow.values()))
+            if self._policy.less(head.request, best.request):
+                best = head
+        return best
+
+    def _evict(self, ticket: Ticket, outcome: Outcome) -> None:
+        if ticket.outcome is None:
+            self._remove(ticket)
+            ticket._decide(outcome, self._clock.now())

@@ -1,0 +1,101 @@
+"""Read APIs over the registry and the queue: the gRPC `WorkloadRegistry` service and
+the views the HTTP admin listener renders. Both show the same `WorkloadStatus`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from extproc.api.v1 import registry_pb2 as pb
+from extproc.api.v1 import registry_pb2_grpc as pb_grpc
+from extproc.contracts import Datastore, WorkloadMetrics
+from extproc.queue import FlowController
+
+DEFAULT_WATCH_INTERVAL = 1.0
+MIN_WATCH_INTERVAL = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadStatus:
+    """A workload's registry metrics and how many of its requests are queued now."""
+
+    metrics: WorkloadMetrics
+    queued_requests: int
+
+    def as_json(self) -> dict[str, object]:
+        m = self.metrics
+        return {
+            "workload_id": m.workload_id,
+            "total_requests": m.total_requests,
+            "active_requests": m.active_requests,
+            "queued_requests": self.queued_requests,
+            "dispatched_count": m.dispatched_count,
+            "average_wait_time_seconds": m.average_wait_time,
+            "request_rate": m.request_rate,
+        }
+
+    def as_proto(self) -> pb.Workload:
+        return pb.Workload(**self.as_json())  # type: ignore[arg-type]
+
+
+class WorkloadReader:
+    def __init__(self, datastore: Datastore, flow: FlowController) -> None:
+        self._registry = datastore.get_workload_registry()
+        self._flow = flow
+
+    def get(self, workload_id: str) -> WorkloadStatus | None:
+        metrics = self._registry.get_metrics(workload_id)
+        if metrics is None:
+            return None
+        return WorkloadStatus(metrics, self._flow.queued_for(workload_id))
+
+    def list(self) -> list[WorkloadStatus]:
+        return [
+            WorkloadStatus(m, self._flow.queued_for(m.workload_id))
+            for m in self._registry.list_metrics()
+        ]
+
+    def snapshot(self) -> pb.WorkloadSnapshot:
+        time = timestamp_pb2.Timestamp()
+        time.GetCurrentTime()
+        return pb.WorkloadSnapshot(
+            time=time,
+            workloads=[status.as_proto() for status in self.list()],
+            in_flight=self._flow.in_flight,
+            queued=self._flow.queued,
+            max_concurrency=self._flow.max_concurrency,
+        )
+
+
+class WorkloadRegistryService(pb_grpc.WorkloadRegistryServicer):
+    def __init__(self, reader: WorkloadReader) -> None:
+        self._reader = reader
+
+    async def GetMetrics(  # noqa: N802 -- gRPC method names
+        self, request: pb.GetMetricsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.Workload:
+        status = self._reader.get(request.workload_id)
+        if status is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"workload {request.workload_id!r} is not tracked"
+            )
+        assert status is not None
+        return status.as_proto()
+
+    async def ListWorkloads(  # noqa: N802
+        self, request: pb.ListWorkloadsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ListWorkloadsResponse:
+        return pb.ListWorkloadsResponse(workloads=[s.as_proto() for s in self._reader.list()])
+
+    async def WatchWorkloads(  # noqa: N802
+        self, request: pb.WatchWorkloadsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[pb.WorkloadSnapshot]:
+        interval = request.interval.ToTimedelta().total_seconds() or DEFAULT_WATCH_INTERVAL
+        interval = max(interval, MIN_WATCH_INTERVAL)
+        while True:
+            yield self._reader.snapshot()
+            await asyncio.sleep(interval)

@@ -1,0 +1,211 @@
+"""The ext_proc stream handler: one gRPC stream per HTTP request, three tracking points.
+
+Envoy opens `ExternalProcessor.Process` for every HTTP request and, outside
+full-duplex mode, waits for one answer per message. The request is held simply
+by not answering its `request_headers` yet.
+
+Per stream, in order:
+1. `request_headers`: read the workload context (a bad one is answered 400 at
+   once and never tracked), then *new* (`workload_handle_new_request`) and
+   enqueue. When the queue cannot decide at once, first send a lone
+   `override_message_timeout` so Envoy's short message timeout (meant to catch
+   a hung processor) does not fire while the request waits its turn.
+2. The queue decides. DISPATCHED -> *dispatched*
+   (`workload_handle_dispatched_request` with the queue wait) and CONTINUE with
+   `x-workload-id` and `x-workload-queue-wait-ms` added upstream. Anything else
+   -> an ImmediateResponse from `outcomes` (429/503 with a dropped-reason header).
+3. *completed* (`workload_handle_completed_request`), exactly once per tracked
+   request: at response headers with end_of_stream, at response trailers (the
+   bundled Envoy config asks for trailers precisely so this arrives at the last
+   byte), at a response body with end_of_stream, or -- in `finally` -- when the
+   stream ends or is cancelled for any reason.
+
+Cancellation: Envoy resets the stream when the client goes away or the backend
+resets, and grpc.aio raises `CancelledError` in this handler, wherever it is
+suspended. Suspended in `Ticket.wait`: the ticket leaves the queue (or, if the
+queue released it in that instant, gives its slot to the next request) and
+`finally` completes the request. Suspended at a `yield`: `finally` completes
+it, and `Ticket.close` evicts it if it was still queued. Nowhere else does this
+handler await, so no path skips the `finally`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import duration_pb2
+
+from extproc.context import FAIRNESS_ID_HEADER, WORKLOAD_CONTEXT_HEADER, ContextError, ContextParser, WorkloadContext
+from extproc.contracts import Clock, Datastore
+from extproc.outcomes import Outcome, Rejection, invalid_request, rejection_for
+from extproc.queue import FlowController, FlowRequest, Ticket
+
+WORKLOAD_ID_HEADER = "x-workload-id"
+QUEUE_WAIT_HEADER = "x-workload-queue-wait-ms"
+_CONTEXT_HEADERS = frozenset({WORKLOAD_CONTEXT_HEADER, FAIRNESS_ID_HEADER})
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+# Answers for the phases this service passes through unchanged.
+_PASS_THROUGH = {
+    "request_body": pb.ProcessingResponse(request_body=pb.BodyResponse()),
+    "request_trailers": pb.ProcessingResponse(request_trailers=pb.TrailersResponse()),
+    "response_headers": pb.ProcessingResponse(response_headers=pb.HeadersResponse()),
+    "response_body": pb.ProcessingResponse(response_body=pb.BodyResponse()),
+    "response_trailers": pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),
+}
+_REQUEST_HEADERS_CONTINUE = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+
+
+class _Exchange:
+    """One HTTP request's state, private to its stream."""
+
+    __slots__ = ("completed", "started", "ticket", "workload")
+
+    def __init__(self) -> None:
+        self.workload: WorkloadContext | None = None
+        self.ticket: Ticket | None = None
+        self.started = 0.0
+        self.completed = False
+
+
+class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(
+        self,
+        datastore: Datastore,
+        flow: FlowController,
+        parser: ContextParser,
+        clock: Clock,
+        *,
+        hold_timeout: float,
+    ) -> None:
+        self._datastore = datastore
+        self._flow = flow
+        self._parser = parser
+        self._clock = clock
+        self._log = structlog.get_logger("extproc.request")
+        seconds, fraction = divmod(hold_timeout, 1.0)
+        self._hold = pb.ProcessingResponse(
+            override_message_timeout=duration_pb2.Duration(
+                seconds=int(seconds), nanos=int(fraction * 1e9)
+            )
+        )
+
+    async def Process(  # noqa: N802 -- the gRPC method name
+        self, request_iterator: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        exchange = _Exchange()
+        try:
+            async for message in request_iterator:
+                phase = message.WhichOneof("request")
+                if phase == "request_headers":
+                    response = self._admit(message.request_headers, exchange)
+                    if response is None:
+                        yield self._hold
+                        assert exchange.ticket is not None
+                        await exchange.ticket.wait()
+                        response = self._answer(exchange)
+                    yield response
+                    continue
+                response = _PASS_THROUGH.get(phase) if phase else None
+                if response is None:
+                    continue
+                if _ends_response(message, phase):
+                    self._complete(exchange)
+                yield response
+        finally:
+            self._complete(exchange)
+
+    def _admit(self, headers: Any, exchange: _Exchange) -> Any:
+        """Track and enqueue; the answer when decided at once, None to hold."""
+        if exchange.workload is not None:
+            # A second request_headers on one stream is a protocol error; pass it on
+            # rather than count one HTTP request twice.
+            return _REQUEST_HEADERS_CONTINUE
+        try:
+            workload = self._parser.parse(_context_headers(headers.headers))
+        except ContextError as error:
+            self._log.info("request", outcome="invalid-workload-context", error=str(error))
+            return _immediate(invalid_request(error.header, error.detail))
+        exchange.workload = workload
+        exchange.started = self._clock.now()
+        self._datastore.workload_handle_new_request(workload.workload_id)
+        exchange.ticket = self._flow.enqueue(FlowRequest(workload.workload_id, workload.criticality))
+        return None if exchange.ticket.outcome is None else self._answer(exchange)
+
+    def _answer(self, exchange: _Exchange) -> Any:
+        ticket, workload = exchange.ticket, exchange.workload
+        assert ticket is not None and workload is not None
+        if ticket.outcome is Outcome.DISPATCHED:
+            self._datastore.workload_handle_dispatched_request(workload.workload_id, ticket.wait_time)
+            return _dispatched(workload.workload_id, ticket.wait_time)
+        assert ticket.outcome is not None
+        self._complete(exchange)
+        return _immediate(rejection_for(ticket.outcome))
+
+    def _complete(self, exchange: _Exchange) -> None:
+        workload, ticket = exchange.workload, exchange.ticket
+        if workload is None or exchange.completed:
+            return
+        exchange.completed = True
+        if ticket is not None:
+            ticket.close()
+        self._datastore.workload_handle_completed_request(workload.workload_id)
+        self._log.info(
+            "request",
+            workload=workload.workload_id,
+            criticality=workload.criticality,
+            outcome=ticket.outcome.value if ticket and ticket.outcome else "unknown",
+            queue_wait_ms=round(ticket.wait_time * 1000, 3) if ticket else 0.0,
+            duration_ms=round((self._clock.now() - exchange.started) * 1000, 3),
+        )
+
+
+def _context_headers(header_map: Any) -> dict[str, list[bytes]]:
+    found: dict[str, list[bytes]] = {}
+    for header in header_map.headers:
+        if header.key in _CONTEXT_HEADERS:
+            found.setdefault(header.key, []).append(header.raw_value or header.value.encode())
+    return found
+
+
+def _ends_response(message: Any, phase: str) -> bool:
+    if phase == "response_trailers":
+        return True
+    if phase in ("response_headers", "response_body"):
+        return bool(getattr(message, phase).end_of_stream)
+    return False
+
+
+def _header(key: str, value: str) -> Any:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE
+    )
+
+
+def _dispatched(workload_id: str, wait_time: float) -> Any:
+    mutation = pb.HeaderMutation(
+        set_headers=[
+            _header(WORKLOAD_ID_HEADER, workload_id),
+            _header(QUEUE_WAIT_HEADER, f"{wait_time * 1000:.3f}"),
+        ]
+    )
+    return pb.ProcessingResponse(
+        request_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))
+    )
+
+
+def _immediate(rejection: Rejection) -> Any:
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=rejection.status),
+            headers=pb.HeaderMutation(set_headers=[_header(k, v) for k, v in rejection.headers()]),
+            body=rejection.body,
+            details=f"workload_extproc_{rejection.reason.replace('-', '_')}",
+        )
+    )
