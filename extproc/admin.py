@@ -9,7 +9,7 @@ from aiohttp import web
 from extproc.readapi import WorkloadReader
 
 _READER = web.AppKey("reader", WorkloadReader)
-_IS_READY = web.AppKey("is_ready", Callable[[], bool])
+_IS_READY: web.AppKey[Callable[[], bool]] = web.AppKey("is_ready")
 
 
 def make_admin_app(reader: WorkloadReader, is_ready: Callable[[], bool]) -> web.Application:

@@ -11,7 +11,10 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from extproc import __version__
+from extproc.app import run
 from extproc.config import Settings, describe_error, parse_address
+from extproc.demo_backend import make_demo_app
+from extproc.log import configure_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,9 +55,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(flags: dict[str, str]) -> int:
-    from extproc.app import run
-    from extproc.log import configure_logging
-
     try:
         settings = Settings(**flags)  # type: ignore[arg-type]
     except ValidationError as error:
@@ -70,8 +70,6 @@ def _serve(flags: dict[str, str]) -> int:
 
 
 def _demo_backend(args: dict[str, object]) -> int:
-    from extproc.demo_backend import make_demo_app
-
     host, port = parse_address(str(args["listen"]))
     app = make_demo_app(
         concurrency=int(str(args["concurrency"])),

@@ -85,8 +85,9 @@ def _decode(header: str, raw: bytes) -> str:
 
 def _parse_context(raw: bytes) -> WorkloadContext:
     header = WORKLOAD_CONTEXT_HEADER
+    text = _decode(header, raw)
     try:
-        value = json.loads(_decode(header, raw))
+        value = json.loads(text)
     except (ValueError, RecursionError):
         raise ContextError(header, "not valid JSON") from None
     if not isinstance(value, dict):

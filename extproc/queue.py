@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from extproc.contracts import Clock, Policy, QueuedRequest, TimerHandle
@@ -49,7 +50,15 @@ class FlowRequest:
 class Ticket:
     """One request's passage through the queue."""
 
-    __slots__ = ("_controller", "_future", "_holds_slot", "_timer", "outcome", "request", "wait_time")
+    __slots__ = (
+        "_controller",
+        "_future",
+        "_holds_slot",
+        "_timer",
+        "outcome",
+        "request",
+        "wait_time",
+    )
 
     def __init__(self, controller: FlowController, request: QueuedRequest) -> None:
         self._controller = controller
@@ -96,6 +105,8 @@ class Ticket:
             self._timer = None
         if self._future is not None and not self._future.done():
             self._future.set_result(outcome)
+        if self._controller.on_decided is not None:
+            self._controller.on_decided(self)
 
 
 class FlowController:
@@ -107,6 +118,7 @@ class FlowController:
         max_concurrency: int = 0,
         max_queue: int = 10_000,
         queue_timeout: float | None = 30.0,
+        on_decided: Callable[[Ticket], None] | None = None,
     ) -> None:
         if max_concurrency < 0 or max_queue < 0:
             raise ValueError("max_concurrency and max_queue must be >= 0")
@@ -117,6 +129,8 @@ class FlowController:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
+        self.on_decided = on_decided
+        """Observer called synchronously the moment each ticket's outcome is decided."""
         self._flows: dict[FlowKey, OrderedDict[int, Ticket]] = {}
         self._queued_by_workload: dict[str, int] = {}
         self._queued = 0
@@ -138,7 +152,9 @@ class FlowController:
     def enqueue(self, request: FlowRequest) -> Ticket:
         """Admit a request; its ticket is decided at once when a slot is free or the queue full."""
         now = self._clock.now()
-        ticket = Ticket(self, QueuedRequest(request.workload_id, request.criticality, now, next(self._seq)))
+        ticket = Ticket(
+            self, QueuedRequest(request.workload_id, request.criticality, now, next(self._seq))
+        )
         if self._closed:
             ticket._decide(Outcome.REJECTED_SHUTDOWN, now)
         elif self._has_free_slot():
@@ -172,7 +188,9 @@ class FlowController:
         self._queued += 1
         self._queued_by_workload[request.workload_id] = self.queued_for(request.workload_id) + 1
         if self.queue_timeout is not None:
-            ticket._timer = self._clock.call_later(self.queue_timeout, lambda: self._evict(ticket, Outcome.EVICTED_QUEUE_TIMEOUT))
+            ticket._timer = self._clock.call_later(
+                self.queue_timeout, lambda: self._evict(ticket, Outcome.EVICTED_QUEUE_TIMEOUT)
+            )
 
     def _remove(self, ticket: Ticket) -> None:
         request = ticket.request

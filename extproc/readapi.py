@@ -75,7 +75,7 @@ class WorkloadRegistryService(pb_grpc.WorkloadRegistryServicer):
     def __init__(self, reader: WorkloadReader) -> None:
         self._reader = reader
 
-    async def GetMetrics(  # noqa: N802 -- gRPC method names
+    async def GetMetrics(  # gRPC method names
         self, request: pb.GetMetricsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.Workload:
         status = self._reader.get(request.workload_id)
@@ -86,12 +86,12 @@ class WorkloadRegistryService(pb_grpc.WorkloadRegistryServicer):
         assert status is not None
         return status.as_proto()
 
-    async def ListWorkloads(  # noqa: N802
+    async def ListWorkloads(
         self, request: pb.ListWorkloadsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ListWorkloadsResponse:
         return pb.ListWorkloadsResponse(workloads=[s.as_proto() for s in self._reader.list()])
 
-    async def WatchWorkloads(  # noqa: N802
+    async def WatchWorkloads(
         self, request: pb.WatchWorkloadsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[pb.WorkloadSnapshot]:
         interval = request.interval.ToTimedelta().total_seconds() or DEFAULT_WATCH_INTERVAL

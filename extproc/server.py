@@ -41,7 +41,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import duration_pb2
 
-from extproc.context import FAIRNESS_ID_HEADER, WORKLOAD_CONTEXT_HEADER, ContextError, ContextParser, WorkloadContext
+from extproc.context import (
+    FAIRNESS_ID_HEADER,
+    WORKLOAD_CONTEXT_HEADER,
+    ContextError,
+    ContextParser,
+    WorkloadContext,
+)
 from extproc.contracts import Clock, Datastore
 from extproc.outcomes import Outcome, Rejection, invalid_request, rejection_for
 from extproc.queue import FlowController, FlowRequest, Ticket
@@ -96,7 +102,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
             )
         )
 
-    async def Process(  # noqa: N802 -- the gRPC method name
+    async def Process(
         self, request_iterator: AsyncIterator[Any], context: Any
     ) -> AsyncIterator[Any]:
         exchange = _Exchange()
@@ -135,14 +141,19 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         exchange.workload = workload
         exchange.started = self._clock.now()
         self._datastore.workload_handle_new_request(workload.workload_id)
-        exchange.ticket = self._flow.enqueue(FlowRequest(workload.workload_id, workload.criticality))
+        exchange.ticket = self._flow.enqueue(
+            FlowRequest(workload.workload_id, workload.criticality)
+        )
         return None if exchange.ticket.outcome is None else self._answer(exchange)
 
     def _answer(self, exchange: _Exchange) -> Any:
         ticket, workload = exchange.ticket, exchange.workload
-        assert ticket is not None and workload is not None
+        assert ticket is not None
+        assert workload is not None
         if ticket.outcome is Outcome.DISPATCHED:
-            self._datastore.workload_handle_dispatched_request(workload.workload_id, ticket.wait_time)
+            self._datastore.workload_handle_dispatched_request(
+                workload.workload_id, ticket.wait_time
+            )
             return _dispatched(workload.workload_id, ticket.wait_time)
         assert ticket.outcome is not None
         self._complete(exchange)

@@ -1,0 +1,43 @@
+# workload-extproc. `make run` to try it, `make test` to check it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTOS := $(shell find protos -name '*.proto')
+GENERATED := extproc/api/v1/registry_pb2.py
+
+.PHONY: all install protos run test lint format bench clean
+
+all: install
+
+install: $(STAMP) $(GENERATED)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+protos: $(GENERATED)
+
+$(GENERATED): $(PROTOS) protos/generate.py $(STAMP)
+	$(BIN)/python protos/generate.py .
+
+run: install
+	bash envoy/run-local.sh
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check extproc tests protos
+	$(BIN)/ruff format --check extproc tests protos
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format extproc tests protos
+	$(BIN)/ruff check --fix extproc tests protos
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find extproc/api -name '*_pb2*' -delete

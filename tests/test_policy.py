@@ -1,0 +1,167 @@
+"""Policy conformance (every policy) and the workload-aware score's behaviour."""
+
+import functools
+import random
+
+import pytest
+
+from extproc.clock import VirtualClock
+from extproc.contracts import QueuedRequest
+from extproc.datastore import RegistryDatastore
+from extproc.outcomes import Outcome
+from extproc.policy import POLICIES, ScoreWeights, WorkloadAwarePolicy, make_policy
+from extproc.registry import InMemoryWorkloadRegistry
+
+from .support.sim import Arrival, periodic, simulate
+
+
+def random_world(seed: int) -> tuple[VirtualClock, RegistryDatastore, list[QueuedRequest]]:
+    rng = random.Random(seed)
+    clock = VirtualClock(1000.0)
+    datastore = RegistryDatastore(InMemoryWorkloadRegistry(clock))
+    workloads = [f"w{i}" for i in range(6)]
+    for workload in workloads:
+        for _ in range(rng.randint(1, 50)):
+            datastore.workload_handle_new_request(workload)
+        for _ in range(rng.randint(0, 5)):
+            datastore.workload_handle_dispatched_request(workload, rng.uniform(0, 90))
+    items = [
+        QueuedRequest(rng.choice(workloads), rng.randint(1, 5), rng.uniform(900, 1000), seq)
+        for seq in range(40)
+    ]
+    return clock, datastore, items
+
+
+@pytest.fixture(params=sorted(POLICIES))
+def policy_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_less_is_a_strict_weak_order(policy_name: str, seed: int) -> None:
+    clock, datastore, items = random_world(seed)
+    policy = make_policy(policy_name, datastore, clock)
+    for a in items:
+        assert not policy.less(a, a)
+        for b in items:
+            if policy.less(a, b):
+                assert not policy.less(b, a)
+                for c in items:
+                    if policy.less(b, c):
+                        assert policy.less(a, c)
+
+
+def test_equal_requests_go_first_come_first_served(policy_name: str) -> None:
+    clock = VirtualClock()
+    policy = make_policy(policy_name, RegistryDatastore(InMemoryWorkloadRegistry(clock)), clock)
+    items = [QueuedRequest("same", 3, 0.0, seq) for seq in (5, 1, 3)]
+    ordered = sorted(items, key=functools.cmp_to_key(lambda a, b: -1 if policy.less(a, b) else 1))
+    assert [i.seq for i in ordered] == [1, 3, 5]
+
+
+def test_every_policy_serves_the_whole_backlog_at_full_capacity(policy_name: str) -> None:
+    arrivals = [Arrival(0.0, f"w{i % 5}", criticality=1 + i % 5, service=1.0) for i in range(100)]
+    run = simulate(
+        arrivals, lambda d, c: make_policy(policy_name, d, c), max_concurrency=4, until=30
+    )
+    assert all(r.outcome is Outcome.DISPATCHED for r in run.records)
+    # Work-conserving: 100 one-second requests on 4 slots finish in 25 s, not a second more.
+    assert max(r.wait for r in run.records) == pytest.approx(24.0)
+    assert all(m.active_requests == 0 for m in run.registry.list_metrics())
+
+
+def test_unknown_policy_is_refused() -> None:
+    clock = VirtualClock()
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("lottery", RegistryDatastore(InMemoryWorkloadRegistry(clock)), clock)
+
+
+def aware_world() -> tuple[VirtualClock, RegistryDatastore, WorkloadAwarePolicy]:
+    clock = VirtualClock(100.0)
+    datastore = RegistryDatastore(InMemoryWorkloadRegistry(clock))
+    return clock, datastore, WorkloadAwarePolicy(datastore, clock)
+
+
+def test_score_is_the_seed_formula() -> None:
+    clock, datastore, policy = aware_world()
+    for _ in range(50):
+        datastore.workload_handle_new_request("a")  # 50 requests at age 0 -> 50 req/s
+    datastore.workload_handle_dispatched_request("a", 30.0)
+    item = QueuedRequest("a", 4, clock.now(), 0)
+    expected = 0.4 * (30 / 60) + 0.4 * 4 / 5 - 0.2 * (50 / 100)
+    assert policy.score(item) == pytest.approx(expected)
+
+
+def test_each_term_moves_the_order_the_right_way() -> None:
+    clock, datastore, policy = aware_world()
+    now = clock.now()
+    for workload in ("waited", "fresh", "busy"):
+        datastore.workload_handle_new_request(workload)
+    datastore.workload_handle_dispatched_request("waited", 20.0)
+    for _ in range(80):
+        datastore.workload_handle_new_request("busy")
+    assert policy.less(QueuedRequest("fresh", 5, now, 1), QueuedRequest("fresh", 1, now, 0))
+    assert policy.less(QueuedRequest("waited", 3, now, 1), QueuedRequest("fresh", 3, now, 0))
+    assert policy.less(QueuedRequest("fresh", 3, now, 1), QueuedRequest("busy", 3, now, 0))
+
+
+def test_weights_are_configurable() -> None:
+    clock = VirtualClock()
+    datastore = RegistryDatastore(InMemoryWorkloadRegistry(clock))
+    only_rate = WorkloadAwarePolicy(datastore, clock, ScoreWeights(wait=0, criticality=0, rate=1))
+    datastore.workload_handle_new_request("quiet")
+    for _ in range(10):
+        datastore.workload_handle_new_request("loud")
+    low_but_quiet = QueuedRequest("quiet", 1, 0.0, 1)
+    assert only_rate.less(low_but_quiet, QueuedRequest("loud", 5, 0.0, 0))
+
+
+def test_a_waiting_request_ages_even_when_its_workload_average_is_stale() -> None:
+    clock, datastore, policy = aware_world()
+    datastore.workload_handle_new_request("stale")
+    datastore.workload_handle_dispatched_request("stale", 0.0)
+    head = QueuedRequest("stale", 3, clock.now(), 0)
+    before = policy.score(head)
+    clock.advance(30.0)
+    assert policy.score(head) == pytest.approx(before + 0.4 * 30 / 60, abs=0.01)
+
+
+class SeedWorkloadAware(WorkloadAwarePolicy):
+    """The seed's score exactly: the workload's average wait only, never the head's own wait."""
+
+    def score(self, item: QueuedRequest) -> float:
+        metrics = self._datastore.workload_get_metrics(item.workload_id)
+        assert metrics is not None
+        return (
+            0.4 * min(metrics.average_wait_time / 60, 1)
+            + 0.4 * item.criticality / 5
+            - 0.2 * min(metrics.request_rate / 100, 1)
+        )
+
+
+def starvation_scenario(policy: type[WorkloadAwarePolicy]) -> list[float | None]:
+    """A flood with a steady backlog, and a light workload whose average wait is stale.
+
+    The light workload is served once at once (average 0); the flood keeps ~20
+    requests queued on 2 slots, so its average wait is ~10 s. Returns the light
+    workload's later waits (None: it timed out).
+    """
+    light = [Arrival(0.0, "light"), *periodic("light", every=20.0, start=100.0, stop=300.0)]
+    burst = [Arrival(0.0, "flood") for _ in range(20)]
+    flood = burst + periodic("flood", every=0.5, start=0.0, stop=300.0)
+    run = simulate(light + flood, policy, max_concurrency=2, until=400, queue_timeout=60.0)
+    return [r.wait if r.outcome is Outcome.DISPATCHED else None for r in run.of("light")][1:]
+
+
+def test_no_request_starves_behind_a_flood() -> None:
+    waits = starvation_scenario(WorkloadAwarePolicy)
+    assert len(waits) == 10
+    assert None not in waits, "a light request timed out"
+    # It waits about as long as the flood's oldest request (~10 s), not until the timeout.
+    assert max(w for w in waits if w is not None) < 20.0
+
+
+def test_negative_control_the_seed_score_starves_the_light_workload() -> None:
+    """Proves the test above can fail: the seed's stale average lets the flood win every time."""
+    waits = starvation_scenario(SeedWorkloadAware)
+    assert waits.count(None) >= 8
