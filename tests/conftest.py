@@ -1,0 +1,25 @@
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from extproc.app import Service
+from extproc.config import Settings
+
+StartService = Callable[..., Awaitable[Service]]
+
+
+@pytest.fixture
+async def start_service() -> AsyncIterator[StartService]:
+    """Start the real service (gRPC and admin) on ephemeral loopback ports."""
+    started: list[Service] = []
+
+    async def start(**overrides: object) -> Service:
+        settings = Settings(listen="127.0.0.1:0", admin_listen="127.0.0.1:0", **overrides)  # type: ignore[arg-type]
+        service = Service(settings)
+        await service.start()
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        await service.stop(grace=1.0)

@@ -1,0 +1,78 @@
+"""A loopback HTTP backend the end-to-end tests steer: it records who arrived, and holds,
+streams or resets responses on the test's word."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+
+@dataclass
+class Backend:
+    arrivals: list[str] = field(default_factory=list)
+    """x-workload-id of each request, in arrival order."""
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    """`/held` requests wait for it."""
+    running: int = 0
+    peak: int = 0
+    port: int = 0
+    _runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/", self._ok)
+        app.router.add_get("/held", self._held)
+        app.router.add_get("/stream", self._stream)
+        app.router.add_get("/reset", self._reset)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        sock = socket.create_server(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        await web.SockSite(self._runner, sock).start()
+
+    async def stop(self) -> None:
+        self.gate.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _arrive(self, request: web.Request) -> None:
+        self.arrivals.append(request.headers.get("x-workload-id", ""))
+
+    async def _ok(self, request: web.Request) -> web.Response:
+        self._arrive(request)
+        return web.Response(text="ok")
+
+    async def _held(self, request: web.Request) -> web.Response:
+        self._arrive(request)
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await self.gate.wait()
+        finally:
+            self.running -= 1
+        return web.Response(text="ok")
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        """First chunk at once, the last one only when the gate opens."""
+        self._arrive(request)
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"first chunk\n")
+        await self.gate.wait()
+        await response.write(b"last chunk\n")
+        await response.write_eof()
+        return response
+
+    async def _reset(self, request: web.Request) -> web.StreamResponse:
+        """Headers and half a body, then the connection is torn down."""
+        self._arrive(request)
+        response = web.StreamResponse(headers={"content-length": "100"})
+        await response.prepare(request)
+        await response.write(b"partial")
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()
+        return response

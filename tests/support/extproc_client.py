@@ -1,0 +1,55 @@
+"""Build ext_proc messages the way Envoy sends them (values in raw_value)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+
+def request_headers(headers: dict[str, str | bytes], end_of_stream: bool = True) -> Any:
+    values = [
+        base_pb2.HeaderValue(key=k, raw_value=v if isinstance(v, bytes) else v.encode())
+        for k, v in {":method": "GET", ":path": "/", **headers}.items()
+    ]
+    return pb.ProcessingRequest(
+        request_headers=pb.HttpHeaders(
+            headers=base_pb2.HeaderMap(headers=values), end_of_stream=end_of_stream
+        )
+    )
+
+
+def workload_headers(workload: str, criticality: int = 3) -> Any:
+    context = f'{{"workload_id": "{workload}", "criticality": {criticality}}}'
+    return request_headers({"x-workload-context": context})
+
+
+def response_trailers() -> Any:
+    return pb.ProcessingRequest(response_trailers=pb.HttpTrailers())
+
+
+def response_headers(end_of_stream: bool) -> Any:
+    return pb.ProcessingRequest(response_headers=pb.HttpHeaders(end_of_stream=end_of_stream))
+
+
+def set_headers(response: Any) -> dict[str, str]:
+    mutation = response.request_headers.response.header_mutation
+    return {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers}
+
+
+def immediate_headers(response: Any) -> dict[str, str]:
+    mutation = response.immediate_response.headers
+    return {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers}
+
+
+async def eventually(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait until `condition()` holds; fail after `within` seconds (a loose bound)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within the time limit")
+        await asyncio.sleep(0.01)
