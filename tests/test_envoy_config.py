@@ -1,0 +1,65 @@
+"""The bundled envoy/envoy.yaml: valid for the real Envoy, and consistent with the service."""
+
+import re
+import subprocess
+from typing import Any
+
+import yaml
+
+from extproc.app import HOLD_MARGIN
+from extproc.config import Settings
+
+from .support.envoy import BUNDLED_CONFIG, envoy_binary, ext_proc_filter
+
+
+def seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)s", duration)
+    assert match, duration
+    return float(match.group(1))
+
+
+def load() -> dict[str, Any]:
+    return yaml.safe_load(BUNDLED_CONFIG.read_text())  # type: ignore[no-any-return]
+
+
+def test_envoy_validates_the_bundled_config() -> None:
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(BUNDLED_CONFIG)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "OK" in result.stdout + result.stderr
+
+
+def test_processing_modes_let_the_service_see_completion_cheaply() -> None:
+    mode = ext_proc_filter(load())["processing_mode"]
+    assert mode["request_header_mode"] == "SEND"
+    assert mode["response_trailer_mode"] == "SEND"  # keeps the stream open to the last byte
+    assert mode["request_body_mode"] == mode["response_body_mode"] == "NONE"  # no per-chunk trips
+
+
+def test_timeouts_cover_the_default_queue_timeout() -> None:
+    config = load()
+    ext_proc = ext_proc_filter(config)
+    longest_hold = Settings().queue_timeout + HOLD_MARGIN
+    assert seconds(ext_proc["max_message_timeout"]) >= longest_hold
+    assert (
+        seconds(ext_proc["message_timeout"]) < Settings().queue_timeout
+    )  # a hung processor fails fast
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    assert seconds(manager["typed_config"]["stream_idle_timeout"]) > longest_hold
+
+
+def test_circuit_breakers_fit_a_full_queue() -> None:
+    for cluster in load()["static_resources"]["clusters"]:
+        (thresholds,) = cluster["circuit_breakers"]["thresholds"]
+        for key in ("max_requests", "max_pending_requests", "max_connections"):
+            assert thresholds[key] >= Settings().max_queue, (cluster["name"], key)
+
+
+def test_processor_cluster_speaks_http2() -> None:
+    (cluster,) = [
+        c for c in load()["static_resources"]["clusters"] if c["name"] == "workload_extproc"
+    ]
+    options = cluster["typed_extension_protocol_options"]
+    assert "http2_protocol_options" in next(iter(options.values()))["explicit_http_config"]
