@@ -42,10 +42,13 @@ async def _generate(request: web.Request) -> web.StreamResponse:
             "workload_id": request.headers.get("x-workload-id"),
             "queue_wait_ms": request.headers.get("x-workload-queue-wait-ms"),
         }
-        await response.write(f"data: {json.dumps(first)}\n\n".encode())
-        for index in range(max(tokens, 0)):
-            await asyncio.sleep(duration / max(tokens, 1))
-            await response.write(f"data: {json.dumps({'token': index})}\n\n".encode())
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        try:
+            await response.write(f"data: {json.dumps(first)}\n\n".encode())
+            for index in range(max(tokens, 0)):
+                await asyncio.sleep(duration / max(tokens, 1))
+                await response.write(f"data: {json.dumps({'token': index})}\n\n".encode())
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # the client stopped reading; a model server would stop generating too
         return response
