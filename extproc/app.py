@@ -61,7 +61,7 @@ class Service:
             clock, ema_alpha=settings.wait_ema_alpha, rate_window=settings.rate_window
         )
         self.datastore = RegistryDatastore(self.registry)
-        policy = make_policy(settings.policy, self.datastore, clock, settings.score_weights())
+        policy = make_policy(settings.policy, self.datastore, clock, settings.policy_options())
         self.flow = FlowController(
             policy,
             clock,

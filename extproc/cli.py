@@ -1,20 +1,28 @@
-"""The `extproc` command: `serve` the service, or run the `demo-backend`."""
+"""The `extproc` command: `serve` the service, `simulate` a scenario, run the `demo-backend`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiohttp import web
 from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
 
 from extproc import __version__
 from extproc.app import run
 from extproc.config import Settings, describe_error, parse_address
 from extproc.demo_backend import make_demo_app
 from extproc.log import configure_logging
+from extproc.policy import POLICIES
+from extproc.simulate import Scenario, SimResult
+from extproc.simulate import run as run_scenario
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.pop("command")
     if command == "serve":
         return _serve(args)
+    if command == "simulate":
+        return _simulate(args)
     return _demo_backend(args)
 
 
@@ -46,6 +56,19 @@ def _parser() -> argparse.ArgumentParser:
             help=f"{field.description or ''} (default: {field.default})",
         )
 
+    simulate = commands.add_parser(
+        "simulate",
+        help="run a scenario through the real queue and policies on a virtual clock",
+    )
+    simulate.add_argument("scenario", type=Path, help="scenario YAML (see docs/scenarios/)")
+    simulate.add_argument(
+        "--policy",
+        action="append",
+        choices=sorted(POLICIES),
+        help="policy to run; repeat to compare (default: all)",
+    )
+    simulate.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
     demo = commands.add_parser("demo-backend", help="run an LLM-like streaming demo backend")
     demo.add_argument("--listen", default="127.0.0.1:8000")
     demo.add_argument("--concurrency", type=int, default=4, help="requests served at once")
@@ -67,6 +90,53 @@ def _serve(flags: dict[str, str]) -> int:
         print(f"extproc: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _simulate(args: dict[str, object]) -> int:
+    path = args["scenario"]
+    assert isinstance(path, Path)
+    try:
+        scenario = Scenario.from_yaml(path)
+    except (OSError, ValueError) as error:
+        print(f"extproc: {path}: {error}", file=sys.stderr)
+        return 2
+    policies = args["policy"] or sorted(POLICIES)
+    assert isinstance(policies, list)
+    results = [run_scenario(scenario, policy) for policy in policies]
+    if args["json"]:
+        print(json.dumps([_result_json(r) for r in results], indent=2))
+    else:
+        console = Console()
+        for result in results:
+            console.print(_result_table(result))
+    return 0
+
+
+def _result_json(result: SimResult) -> dict[str, object]:
+    return {
+        "scenario": result.scenario.name,
+        "policy": result.policy,
+        "jain": result.jain,
+        "dispatched": result.dispatched,
+        "occupancy": result.occupancy,
+        "tenants": [dataclasses.asdict(t) for t in result.tenants],
+    }
+
+
+def _result_table(result: SimResult) -> Table:
+    table = Table(
+        title=f"{result.scenario.name} · {result.policy} · Jain {result.jain:.3f}",
+        caption=f"{result.dispatched} dispatched, {result.occupancy:.0f} slot-seconds served",
+    )
+    for column in ("tenant", "crit", "sent", "rejected", "timed out", "slot-s",
+                   "p50 wait", "p99 wait", "max wait"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "tenant" else "right")
+    for t in result.tenants:
+        table.add_row(
+            t.name, str(t.criticality), str(t.dispatched), str(t.rejected), str(t.timed_out),
+            f"{t.occupancy:.0f}", f"{t.wait_p50:.2f}", f"{t.wait_p99:.2f}", f"{t.wait_max:.2f}",
+        )  # fmt: skip
+    return table
 
 
 def _demo_backend(args: dict[str, object]) -> int:

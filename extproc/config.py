@@ -13,7 +13,8 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from extproc.policy import POLICIES, ScoreWeights
+from extproc.fair_share import DEFAULT_WEIGHTS
+from extproc.policy import POLICIES, PolicyOptions, ScoreWeights
 
 ENV_PREFIX = "EXTPROC_"
 
@@ -45,6 +46,13 @@ class Settings(BaseSettings):
     weight_rate: float = Field(0.2, ge=0, description="workload-aware: weight of the rate penalty")
     wait_saturation: float = Field(60.0, gt=0, description="workload-aware: wait term cap, s")
     rate_saturation: float = Field(100.0, gt=0, description="workload-aware: rate cap, req/s")
+    fair_share_cost: Literal["requests", "occupancy"] = Field(
+        "occupancy", description="fair-share: charge per request, or per slot-second"
+    )
+    criticality_weights: str = Field(
+        ",".join(f"{w:g}" for w in DEFAULT_WEIGHTS),
+        description="fair-share: weights of criticality 1..5, comma-separated",
+    )
     log_format: Literal["json", "console"] = Field("json", description="json or console")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -61,13 +69,28 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown policy {value!r}; choose from {', '.join(sorted(POLICIES))}")
         return value
 
-    def score_weights(self) -> ScoreWeights:
-        return ScoreWeights(
-            wait=self.weight_wait,
-            criticality=self.weight_criticality,
-            rate=self.weight_rate,
-            wait_saturation=self.wait_saturation,
-            rate_saturation=self.rate_saturation,
+    @field_validator("criticality_weights")
+    @classmethod
+    def _criticality_weights(cls, value: str) -> str:
+        try:
+            weights = [float(part) for part in value.split(",")]
+        except ValueError:
+            raise ValueError("expected five comma-separated numbers") from None
+        if len(weights) != len(DEFAULT_WEIGHTS) or min(weights) <= 0:
+            raise ValueError("expected five positive numbers, for criticality 1..5")
+        return value
+
+    def policy_options(self) -> PolicyOptions:
+        return PolicyOptions(
+            score=ScoreWeights(
+                wait=self.weight_wait,
+                criticality=self.weight_criticality,
+                rate=self.weight_rate,
+                wait_saturation=self.wait_saturation,
+                rate_saturation=self.rate_saturation,
+            ),
+            cost=self.fair_share_cost,
+            criticality_weights=tuple(float(w) for w in self.criticality_weights.split(",")),
         )
 
 

@@ -93,10 +93,23 @@ class QueuedRequest:
 
 
 class Policy(Protocol):
-    """Orders queued requests. Consulted at every dispatch, so it sees live metrics."""
+    """Orders queued requests. Consulted at every dispatch, so it sees live metrics.
+
+    The flow controller also reports each admitted request's life to the policy,
+    for policies that keep their own accounts (fair-share's virtual counters):
+    `on_enqueue` once when a request is admitted (queued or dispatched at once),
+    `on_dispatch` when it takes a slot, and `on_done` exactly once at its end,
+    with its slot time (None if it never got a slot).
+    """
 
     name: str
 
     def less(self, a: QueuedRequest, b: QueuedRequest) -> bool:
         """True when `a` should be dispatched before `b`."""
         ...
+
+    def on_enqueue(self, item: QueuedRequest) -> None: ...
+
+    def on_dispatch(self, item: QueuedRequest) -> None: ...
+
+    def on_done(self, item: QueuedRequest, service_time: float | None) -> None: ...

@@ -5,6 +5,7 @@ every dispatch asks `less` to compare the heads, so each decision sees the
 metrics as they are now; no policy's order is ever frozen into a heap key.
 
 - `fcfs`: arrival order across all workloads. The baseline.
+- `fair-share`: weighted fair queuing over workloads (`fair_share.py`).
 - `workload-aware` (the seed's score), higher first, arrival order on ties::
 
       score = w_wait * min(wait / wait_saturation, 1)
@@ -27,9 +28,23 @@ from dataclasses import dataclass
 
 from extproc.context import MAX_CRITICALITY
 from extproc.contracts import Clock, Datastore, Policy, QueuedRequest
+from extproc.fair_share import DEFAULT_WEIGHTS, Cost, FairSharePolicy
 
 
-class FcfsPolicy:
+class StatelessPolicy:
+    """A policy that orders by what it reads at decision time and keeps no accounts."""
+
+    def on_enqueue(self, item: QueuedRequest) -> None:
+        pass
+
+    def on_dispatch(self, item: QueuedRequest) -> None:
+        pass
+
+    def on_done(self, item: QueuedRequest, service_time: float | None) -> None:
+        pass
+
+
+class FcfsPolicy(StatelessPolicy):
     name = "fcfs"
 
     def less(self, a: QueuedRequest, b: QueuedRequest) -> bool:
@@ -47,7 +62,7 @@ class ScoreWeights:
     """Requests per second at which the rate penalty stops growing."""
 
 
-class WorkloadAwarePolicy:
+class WorkloadAwarePolicy(StatelessPolicy):
     name = "workload-aware"
 
     def __init__(
@@ -76,19 +91,34 @@ class WorkloadAwarePolicy:
         )
 
 
-PolicyFactory = Callable[[Datastore, Clock, ScoreWeights], Policy]
+@dataclass(frozen=True, slots=True)
+class PolicyOptions:
+    score: ScoreWeights = ScoreWeights()
+    """workload-aware's weights."""
+    cost: Cost = "occupancy"
+    """fair-share's unit of service."""
+    criticality_weights: tuple[float, ...] = DEFAULT_WEIGHTS
+    """fair-share's weight for criticality 1..5."""
+
+
+PolicyFactory = Callable[[Datastore, Clock, PolicyOptions], Policy]
 
 POLICIES: dict[str, PolicyFactory] = {
-    FcfsPolicy.name: lambda _datastore, _clock, _weights: FcfsPolicy(),
-    WorkloadAwarePolicy.name: WorkloadAwarePolicy,
+    FcfsPolicy.name: lambda _datastore, _clock, _options: FcfsPolicy(),
+    WorkloadAwarePolicy.name: lambda datastore, clock, options: WorkloadAwarePolicy(
+        datastore, clock, options.score
+    ),
+    FairSharePolicy.name: lambda _datastore, _clock, options: FairSharePolicy(
+        options.cost, options.criticality_weights
+    ),
 }
 
 
 def make_policy(
-    name: str, datastore: Datastore, clock: Clock, weights: ScoreWeights | None = None
+    name: str, datastore: Datastore, clock: Clock, options: PolicyOptions | None = None
 ) -> Policy:
     try:
         factory = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}") from None
-    return factory(datastore, clock, weights or ScoreWeights())
+    return factory(datastore, clock, options or PolicyOptions())

@@ -94,7 +94,7 @@ class Ticket:
             self._controller._evict(self, Outcome.EVICTED_CLIENT_GONE)
         if self._holds_slot:
             self._holds_slot = False
-            self._controller._free_slot()
+            self._controller._free_slot(self)
 
     def _decide(self, outcome: Outcome, now: float) -> None:
         self.outcome = outcome
@@ -158,10 +158,12 @@ class FlowController:
         if self._closed:
             ticket._decide(Outcome.REJECTED_SHUTDOWN, now)
         elif self._has_free_slot():
+            self._policy.on_enqueue(ticket.request)
             self._take_slot(ticket, now)
         elif self._queued >= self.max_queue:
             ticket._decide(Outcome.REJECTED_QUEUE_FULL, now)
         else:
+            self._policy.on_enqueue(ticket.request)
             self._push(ticket)
         return ticket
 
@@ -211,10 +213,13 @@ class FlowController:
 
     def _take_slot(self, ticket: Ticket, now: float) -> None:
         self._in_flight += 1
+        self._policy.on_dispatch(ticket.request)
         ticket._decide(Outcome.DISPATCHED, now)
 
-    def _free_slot(self) -> None:
+    def _free_slot(self, ticket: Ticket) -> None:
         self._in_flight -= 1
+        dispatched_at = ticket.request.enqueued_at + ticket.wait_time
+        self._policy.on_done(ticket.request, self._clock.now() - dispatched_at)
         self._dispatch_ready()
 
     def _dispatch_ready(self) -> None:
@@ -235,4 +240,5 @@ class FlowController:
     def _evict(self, ticket: Ticket, outcome: Outcome) -> None:
         if ticket.outcome is None:
             self._remove(ticket)
+            self._policy.on_done(ticket.request, None)
             ticket._decide(outcome, self._clock.now())

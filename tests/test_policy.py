@@ -6,13 +6,13 @@ import random
 import pytest
 
 from extproc.clock import VirtualClock
-from extproc.contracts import QueuedRequest
+from extproc.contracts import Policy, QueuedRequest
 from extproc.datastore import RegistryDatastore
 from extproc.outcomes import Outcome
 from extproc.policy import POLICIES, ScoreWeights, WorkloadAwarePolicy, make_policy
 from extproc.registry import InMemoryWorkloadRegistry
 
-from .support.sim import Arrival, periodic, simulate
+from extproc.simulate import Request, replay
 
 
 def random_world(seed: int) -> tuple[VirtualClock, RegistryDatastore, list[QueuedRequest]]:
@@ -37,10 +37,27 @@ def policy_name(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+def admitted(policy: Policy, items: list[QueuedRequest], seed: int) -> list[QueuedRequest]:
+    """Admit the items as the flow controller would, dispatching and completing some of
+    them so that stateful policies hold different accounts; returns those still queued."""
+    rng = random.Random(seed)
+    for item in items:
+        policy.on_enqueue(item)
+    queued = []
+    for item in items:
+        if rng.random() < 0.4:
+            policy.on_dispatch(item)
+            policy.on_done(item, rng.uniform(0.1, 5.0))
+        else:
+            queued.append(item)
+    return queued
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_less_is_a_strict_weak_order(policy_name: str, seed: int) -> None:
     clock, datastore, items = random_world(seed)
     policy = make_policy(policy_name, datastore, clock)
+    items = admitted(policy, items, seed)
     for a in items:
         assert not policy.less(a, a)
         for b in items:
@@ -55,15 +72,15 @@ def test_equal_requests_go_first_come_first_served(policy_name: str) -> None:
     clock = VirtualClock()
     policy = make_policy(policy_name, RegistryDatastore(InMemoryWorkloadRegistry(clock)), clock)
     items = [QueuedRequest("same", 3, 0.0, seq) for seq in (5, 1, 3)]
+    for item in items:
+        policy.on_enqueue(item)
     ordered = sorted(items, key=functools.cmp_to_key(lambda a, b: -1 if policy.less(a, b) else 1))
     assert [i.seq for i in ordered] == [1, 3, 5]
 
 
 def test_every_policy_serves_the_whole_backlog_at_full_capacity(policy_name: str) -> None:
-    arrivals = [Arrival(0.0, f"w{i % 5}", criticality=1 + i % 5, service=1.0) for i in range(100)]
-    run = simulate(
-        arrivals, lambda d, c: make_policy(policy_name, d, c), max_concurrency=4, until=30
-    )
+    arrivals = [Request(f"w{i % 5}", 1 + i % 5, 0.0, 1.0) for i in range(100)]
+    run = replay(arrivals, lambda d, c: make_policy(policy_name, d, c), capacity=4, until=30)
     assert all(r.outcome is Outcome.DISPATCHED for r in run.records)
     # Work-conserving: 100 one-second requests on 4 slots finish in 25 s, not a second more.
     assert max(r.wait for r in run.records) == pytest.approx(24.0)
@@ -139,6 +156,10 @@ class SeedWorkloadAware(WorkloadAwarePolicy):
         )
 
 
+def periodic(tenant: str, every: float, start: float, stop: float) -> list[Request]:
+    return [Request(tenant, 3, start + i * every, 1.0) for i in range(int((stop - start) / every))]
+
+
 def starvation_scenario(policy: type[WorkloadAwarePolicy]) -> list[float | None]:
     """A flood with a steady backlog, and a light workload whose average wait is stale.
 
@@ -146,10 +167,10 @@ def starvation_scenario(policy: type[WorkloadAwarePolicy]) -> list[float | None]
     requests queued on 2 slots, so its average wait is ~10 s. Returns the light
     workload's later waits (None: it timed out).
     """
-    light = [Arrival(0.0, "light"), *periodic("light", every=20.0, start=100.0, stop=300.0)]
-    burst = [Arrival(0.0, "flood") for _ in range(20)]
+    light = [Request("light", 3, 0.0, 1.0), *periodic("light", every=20.0, start=100.0, stop=300.0)]
+    burst = [Request("flood", 3, 0.0, 1.0) for _ in range(20)]
     flood = burst + periodic("flood", every=0.5, start=0.0, stop=300.0)
-    run = simulate(light + flood, policy, max_concurrency=2, until=400, queue_timeout=60.0)
+    run = replay(light + flood, policy, capacity=2, until=400, queue_timeout=60.0)
     return [r.wait if r.outcome is Outcome.DISPATCHED else None for r in run.of("light")][1:]
 
 

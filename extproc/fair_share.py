@@ -1,0 +1,136 @@
+"""fair-share: weighted fair queuing over workloads with virtual counters (after VTC, OSDI '24).
+
+Algorithm
+- Every workload w keeps a virtual counter c_w: the service it has received,
+  each unit divided by the weight of the request that received it. A
+  request's weight comes from its criticality (default: weight = criticality,
+  so a criticality-5 request costs a fifth of a criticality-1 one).
+- Order: the queued request whose workload has the smallest counter goes
+  first; within a workload, higher criticality, then arrival order.
+- Charging, cost `requests`: c_w += 1/weight at dispatch.
+  Cost `occupancy` (slot-seconds, what a capacity-limited backend really
+  spends): at dispatch c_w += e_w/weight, where e_w is the workload's
+  expected service time (an EMA of its measured dispatch-to-completion times;
+  the all-workload average before it has any, 1 s before anything is
+  measured). At completion the guess is corrected by (measured - e_w)/weight,
+  as Kubernetes APF corrects its seat-second estimates.
+- No banking of idle credit: when a workload with nothing queued enqueues,
+  c_w = max(c_w, floor), where floor is the smallest counter among the
+  workloads that have requests queued, or, when none has, the counter at the
+  most recent dispatch (the system's virtual time). An idle workload's
+  counter is forgotten once it is at or below that virtual time.
+
+Guarantees
+- Work-conserving: the policy only orders; it never keeps a free slot idle.
+- Fairness: while two workloads i and j both stay backlogged, their weighted
+  service c_i and c_j differ by at most 2U, U being the largest single charge
+  (VTC's bound; cost `requests`: U = 1/min weight). With cost `occupancy` the
+  bound also carries the not-yet-corrected estimation error of the requests in
+  flight, which the correction removes as each one completes.
+- A workload returning from idle starts at the floor: it gets its fair share
+  from then on, never a burst paid for by past idleness.
+
+Concurrency: called only by the flow controller, on its event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from extproc.contracts import QueuedRequest
+
+Cost = Literal["requests", "occupancy"]
+DEFAULT_WEIGHTS: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0)
+_ESTIMATE_ALPHA = 0.2
+_FIRST_ESTIMATE = 1.0
+
+
+class FairSharePolicy:
+    name = "fair-share"
+
+    def __init__(
+        self, cost: Cost = "occupancy", criticality_weights: Sequence[float] = DEFAULT_WEIGHTS
+    ) -> None:
+        if len(criticality_weights) != len(DEFAULT_WEIGHTS) or min(criticality_weights) <= 0:
+            raise ValueError("criticality weights: five positive numbers, for criticality 1..5")
+        self.cost = cost
+        self._weights = tuple(criticality_weights)
+        self._counters: dict[str, float] = {}
+        self._queued: dict[str, int] = {}
+        self._in_flight: dict[str, int] = {}
+        self._estimates: dict[str, float] = {}
+        self._charged: dict[int, float] = {}
+        self._average_service = _FIRST_ESTIMATE
+        self._virtual_time = 0.0
+
+    def counter(self, workload_id: str) -> float:
+        return self._counters.get(workload_id, self._floor())
+
+    def less(self, a: QueuedRequest, b: QueuedRequest) -> bool:
+        counter_a, counter_b = self._counters[a.workload_id], self._counters[b.workload_id]
+        if counter_a != counter_b:
+            return counter_a < counter_b
+        if a.criticality != b.criticality:
+            return a.criticality > b.criticality
+        return a.seq < b.seq
+
+    def on_enqueue(self, item: QueuedRequest) -> None:
+        workload = item.workload_id
+        if not self._queued.get(workload):
+            self._counters[workload] = max(self._counters.get(workload, 0.0), self._floor())
+        self._queued[workload] = self._queued.get(workload, 0) + 1
+
+    def on_dispatch(self, item: QueuedRequest) -> None:
+        workload = item.workload_id
+        self._leave_queue(workload)
+        self._in_flight[workload] = self._in_flight.get(workload, 0) + 1
+        self._virtual_time = max(self._virtual_time, self._counters[workload])
+        charge = self._estimate(workload) if self.cost == "occupancy" else 1.0
+        self._charged[item.seq] = charge
+        self._counters[workload] += charge / self._weight(item)
+
+    def on_done(self, item: QueuedRequest, service_time: float | None) -> None:
+        workload = item.workload_id
+        if service_time is None:
+            self._leave_queue(workload)
+        else:
+            charged = self._charged.pop(item.seq)
+            self._in_flight[workload] -= 1
+            if not self._in_flight[workload]:
+                del self._in_flight[workload]
+            if self.cost == "occupancy":
+                self._counters[workload] += (service_time - charged) / self._weight(item)
+                self._learn(workload, service_time)
+        self._forget_if_idle(workload)
+
+    def _floor(self) -> float:
+        return self._virtual_time
+
+    def _weight(self, item: QueuedRequest) -> float:
+        return self._weights[item.criticality - 1]
+
+    def _estimate(self, workload: str) -> float:
+        return self._estimates.get(workload, self._average_service)
+
+    def _learn(self, workload: str, service_time: float) -> None:
+        previous = self._estimates.get(workload)
+        self._estimates[workload] = (
+            service_time
+            if previous is None
+            else previous + _ESTIMATE_ALPHA * (service_time - previous)
+        )
+        self._average_service += _ESTIMATE_ALPHA * (service_time - self._average_service)
+
+    def _leave_queue(self, workload: str) -> None:
+        left = self._queued[workload] - 1
+        if left:
+            self._queued[workload] = left
+        else:
+            del self._queued[workload]
+
+    def _forget_if_idle(self, workload: str) -> None:
+        idle = workload not in self._queued and workload not in self._in_flight
+        if idle and self._counters.get(workload, 0.0) <= self._virtual_time:
+            self._counters.pop(workload, None)
+            self._estimates.pop(workload, None)
