@@ -11,14 +11,17 @@ Algorithm
   Cost `occupancy` (slot-seconds, what a capacity-limited backend really
   spends): at dispatch c_w += e_w/weight, where e_w is the workload's
   expected service time (an EMA of its measured dispatch-to-completion times;
-  the all-workload average before it has any, 1 s before anything is
-  measured). At completion the guess is corrected by (measured - e_w)/weight,
-  as Kubernetes APF corrects its seat-second estimates.
+  the all-workload average before it has any; 0 before anything is measured,
+  since an over-estimate would mislead lifts, while an under-estimate is at
+  most C requests' worth). At completion the guess is corrected by
+  (measured - e_w)/weight, as Kubernetes APF corrects its seat-seconds.
 - No banking of idle credit: when a workload with nothing queued enqueues,
-  c_w = max(c_w, floor), where floor is the smallest counter among the
-  workloads that have requests queued, or, when none has, the counter at the
-  most recent dispatch (the system's virtual time). An idle workload's
-  counter is forgotten once it is at or below that virtual time.
+  c_w = max(c_w, floor). The floor is the system's virtual time -- the
+  counter, before charging, of the most recent dispatch, as in start-time
+  fair queuing -- or the smallest counter of a backlogged workload if an
+  occupancy correction has put one below it. A returning workload thus starts
+  level with the workloads being served, at most one charge ahead of them.
+  An idle workload's counter is forgotten once it is at or below the floor.
 
 Guarantees
 - Work-conserving: the policy only orders; it never keeps a free slot idle.
@@ -43,7 +46,6 @@ from extproc.contracts import QueuedRequest
 Cost = Literal["requests", "occupancy"]
 DEFAULT_WEIGHTS: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0)
 _ESTIMATE_ALPHA = 0.2
-_FIRST_ESTIMATE = 1.0
 
 
 class FairSharePolicy:
@@ -61,7 +63,7 @@ class FairSharePolicy:
         self._in_flight: dict[str, int] = {}
         self._estimates: dict[str, float] = {}
         self._charged: dict[int, float] = {}
-        self._average_service = _FIRST_ESTIMATE
+        self._average_service: float | None = None
         self._virtual_time = 0.0
 
     def counter(self, workload_id: str) -> float:
@@ -105,13 +107,19 @@ class FairSharePolicy:
         self._forget_if_idle(workload)
 
     def _floor(self) -> float:
-        return self._virtual_time
+        # The virtual time is the counter of the latest dispatch, so normally no
+        # backlogged counter is below it; an occupancy correction can push one
+        # below, and a newcomer must not then start behind it.
+        backlogged = min((self._counters[w] for w in self._queued), default=self._virtual_time)
+        return min(self._virtual_time, backlogged)
 
     def _weight(self, item: QueuedRequest) -> float:
         return self._weights[item.criticality - 1]
 
     def _estimate(self, workload: str) -> float:
-        return self._estimates.get(workload, self._average_service)
+        # Nothing measured yet: charge nothing and let completion bill the truth.
+        # Guessing high would lift newcomers onto counters that later fall away.
+        return self._estimates.get(workload, self._average_service or 0.0)
 
     def _learn(self, workload: str, service_time: float) -> None:
         previous = self._estimates.get(workload)
@@ -120,7 +128,12 @@ class FairSharePolicy:
             if previous is None
             else previous + _ESTIMATE_ALPHA * (service_time - previous)
         )
-        self._average_service += _ESTIMATE_ALPHA * (service_time - self._average_service)
+        average = self._average_service
+        self._average_service = (
+            service_time
+            if average is None
+            else average + _ESTIMATE_ALPHA * (service_time - average)
+        )
 
     def _leave_queue(self, workload: str) -> None:
         left = self._queued[workload] - 1
@@ -131,6 +144,6 @@ class FairSharePolicy:
 
     def _forget_if_idle(self, workload: str) -> None:
         idle = workload not in self._queued and workload not in self._in_flight
-        if idle and self._counters.get(workload, 0.0) <= self._virtual_time:
+        if idle and self._counters.get(workload, 0.0) <= self._floor():
             self._counters.pop(workload, None)
             self._estimates.pop(workload, None)

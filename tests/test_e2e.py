@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from extproc.app import Service
+from extproc.fairness import percentile
 
 from .conftest import StartService
 from .support.backend import Backend
@@ -216,3 +217,32 @@ async def test_fairness_id_header_and_default_workload(make_stack: MakeStack) ->
     async with stack.http.get(stack.url()) as reply:
         assert reply.status == 200
     assert stack.backend.arrivals == ["gie-tenant", "default"]
+
+
+async def noisy_neighbour_light_p99(stack: Stack, seconds: float) -> tuple[float, int]:
+    """A closed-loop flood from one tenant and steady traffic from four light ones;
+    returns the light tenants' p99 queue wait (ms, as the backend saw it) and their count."""
+    service = 0.05
+    deadline = asyncio.get_running_loop().time() + seconds
+
+    async def flood() -> None:
+        while asyncio.get_running_loop().time() < deadline:
+            await stack.fetch("heavy", f"/work?seconds={service}")
+
+    async def light(name: str) -> None:
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.gather(stack.fetch(name, f"/work?seconds={service}"), asyncio.sleep(0.2))
+
+    await asyncio.gather(*(flood() for _ in range(24)), *(light(f"light-{i}") for i in range(4)))
+    waits = [wait for workload, wait in stack.backend.waits if workload.startswith("light")]
+    return percentile(waits, 99), len(waits)
+
+
+async def test_noisy_neighbour_through_envoy(make_stack: MakeStack) -> None:
+    fair = await make_stack(max_concurrency=4, policy="fair-share")
+    fair_p99, fair_count = await noisy_neighbour_light_p99(fair, seconds=5)
+    fcfs = await make_stack(max_concurrency=4, policy="fcfs")
+    fcfs_p99, fcfs_count = await noisy_neighbour_light_p99(fcfs, seconds=5)
+    assert min(fair_count, fcfs_count) >= 40
+    # Measured here: about 50 ms against 350 ms; the claim is a factor of 3.
+    assert fair_p99 * 3 <= fcfs_p99, (fair_p99, fcfs_p99)

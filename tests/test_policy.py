@@ -11,7 +11,6 @@ from extproc.datastore import RegistryDatastore
 from extproc.outcomes import Outcome
 from extproc.policy import POLICIES, ScoreWeights, WorkloadAwarePolicy, make_policy
 from extproc.registry import InMemoryWorkloadRegistry
-
 from extproc.simulate import Request, replay
 
 

@@ -14,6 +14,8 @@ from aiohttp import web
 class Backend:
     arrivals: list[str] = field(default_factory=list)
     """x-workload-id of each request, in arrival order."""
+    waits: list[tuple[str, float]] = field(default_factory=list)
+    """(x-workload-id, x-workload-queue-wait-ms) of each request."""
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     """`/held` requests wait for it."""
     running: int = 0
@@ -27,6 +29,7 @@ class Backend:
         app.router.add_get("/held", self._held)
         app.router.add_get("/stream", self._stream)
         app.router.add_get("/reset", self._reset)
+        app.router.add_get("/work", self._work)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         sock = socket.create_server(("127.0.0.1", 0))
@@ -39,10 +42,18 @@ class Backend:
             await self._runner.cleanup()
 
     def _arrive(self, request: web.Request) -> None:
-        self.arrivals.append(request.headers.get("x-workload-id", ""))
+        workload = request.headers.get("x-workload-id", "")
+        self.arrivals.append(workload)
+        self.waits.append((workload, float(request.headers.get("x-workload-queue-wait-ms", "0"))))
 
     async def _ok(self, request: web.Request) -> web.Response:
         self._arrive(request)
+        return web.Response(text="ok")
+
+    async def _work(self, request: web.Request) -> web.Response:
+        """Busy for `?seconds=S`, like a model server generating."""
+        self._arrive(request)
+        await asyncio.sleep(float(request.query["seconds"]))
         return web.Response(text="ok")
 
     async def _held(self, request: web.Request) -> web.Response:
