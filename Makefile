@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 GENERATED := extproc/api/v1/registry_pb2.py
 
-.PHONY: all install protos run test lint format bench clean
+.PHONY: all install protos run test lint format fairness-report bench clean
 
 all: install
 
@@ -29,14 +29,17 @@ run: install
 test: install
 	$(BIN)/python -m pytest
 
+fairness-report: install
+	$(BIN)/python docs/fairness_report.py
+
 lint: install
-	$(BIN)/ruff check extproc tests protos
-	$(BIN)/ruff format --check extproc tests protos
+	$(BIN)/ruff check extproc tests protos docs
+	$(BIN)/ruff format --check extproc tests protos docs
 	$(BIN)/mypy
 
 format: install
-	$(BIN)/ruff format extproc tests protos
-	$(BIN)/ruff check --fix extproc tests protos
+	$(BIN)/ruff format extproc tests protos docs
+	$(BIN)/ruff check --fix extproc tests protos docs
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
