@@ -10,9 +10,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from extproc.simulate import Scenario, SimResult, run  # noqa: E402
+from extproc.simulate import Scenario, SimResult, run
 
 DOCS = Path(__file__).resolve().parent
 POLICIES = ("fcfs", "workload-aware", "fair-share")
