@@ -58,7 +58,11 @@ class Service:
         self.settings = settings
         clock = clock or SystemClock()
         self.registry = InMemoryWorkloadRegistry(
-            clock, ema_alpha=settings.wait_ema_alpha, rate_window=settings.rate_window
+            clock,
+            ema_alpha=settings.wait_ema_alpha,
+            rate_window=settings.rate_window,
+            max_workloads=settings.max_workloads,
+            idle_ttl=settings.workload_idle_ttl,
         )
         self.datastore = RegistryDatastore(self.registry)
         policy = make_policy(settings.policy, self.datastore, clock, settings.policy_options())
@@ -78,6 +82,7 @@ class Service:
             parser,
             clock,
             hold_timeout=settings.queue_timeout + HOLD_MARGIN,
+            overflow_when_full=settings.on_registry_full == "overflow",
         )
         self.reader = WorkloadReader(self.datastore, self.flow)
         self.health = HealthServicer()
@@ -86,6 +91,7 @@ class Service:
         self.admin_port = 0
         self._server: grpc.aio.Server | None = None
         self._admin: web.AppRunner | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._log = structlog.get_logger("extproc")
 
     async def start(self) -> None:
@@ -105,6 +111,7 @@ class Service:
         await server.start()
         self._server = server
         self._admin = await self._start_admin()
+        self._sweeper = asyncio.create_task(self._sweep_forever())
         await self._set_ready(True)
         self._log.info(
             "serving",
@@ -118,6 +125,9 @@ class Service:
 
     async def stop(self, grace: float = 5.0) -> None:
         await self._set_ready(False)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         self.flow.close()
         if self._server is not None:
             await self._server.stop(grace)
@@ -126,6 +136,19 @@ class Service:
             await self._admin.cleanup()
             self._admin = None
         self._log.info("stopped")
+
+    def sweep(self) -> int:
+        """Forget idle workloads in the registry and the policy; returns how many."""
+        forgotten = self.registry.sweep()
+        for workload_id in forgotten:
+            self.flow.forget(workload_id)
+        return len(forgotten)
+
+    async def _sweep_forever(self) -> None:
+        interval = min(self.settings.workload_idle_ttl / 4, 30.0)
+        while True:
+            await asyncio.sleep(interval)
+            self.sweep()
 
     async def _start_admin(self) -> web.AppRunner:
         runner = web.AppRunner(make_admin_app(self.reader, lambda: self.ready), access_log=None)

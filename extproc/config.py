@@ -39,6 +39,13 @@ class Settings(BaseSettings):
         "default", description="requests with no workload header: use --default-workload, or 400"
     )
     default_workload: str = Field("default", min_length=1, max_length=128)
+    max_workloads: int = Field(100_000, ge=1, description="workloads tracked at once")
+    workload_idle_ttl: float = Field(
+        300.0, gt=0, description="forget a workload idle this long, s"
+    )
+    on_registry_full: Literal["reject", "overflow"] = Field(
+        "overflow", description="new workload past --max-workloads: 429, or the `overflow` workload"
+    )
     wait_ema_alpha: float = Field(0.2, gt=0, le=1, description="EMA factor of the average wait")
     rate_window: float = Field(60.0, ge=1, description="sliding window of the request rate, s")
     weight_wait: float = Field(0.4, ge=0, description="workload-aware: weight of the wait term")

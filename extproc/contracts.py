@@ -48,10 +48,16 @@ class WorkloadMetrics:
     """Requests per second over the sliding rate window."""
 
 
+class RegistryFull(Exception):
+    """The registry tracks as many workloads as it may; this new one was not added."""
+
+
 class WorkloadRegistry(Protocol):
     """Per-workload counters. Safe to call from any thread; reads return copies."""
 
-    def increment_active(self, workload_id: str) -> None: ...
+    def increment_active(self, workload_id: str) -> None:
+        """Count a new request in; raises RegistryFull for a new workload past the limit."""
+        ...
 
     def decrement_active(self, workload_id: str) -> None: ...
 
@@ -62,6 +68,10 @@ class WorkloadRegistry(Protocol):
     def get_request_rate(self, workload_id: str) -> float: ...
 
     def list_metrics(self) -> list[WorkloadMetrics]: ...
+
+    def sweep(self) -> list[str]:
+        """Forget idle workloads; returns the ids forgotten."""
+        ...
 
 
 class Datastore(Protocol):
@@ -113,3 +123,7 @@ class Policy(Protocol):
     def on_dispatch(self, item: QueuedRequest) -> None: ...
 
     def on_done(self, item: QueuedRequest, service_time: float | None) -> None: ...
+
+    def forget(self, workload_id: str) -> None:
+        """The registry forgot this idle workload; drop any account kept for it."""
+        ...

@@ -21,7 +21,9 @@ Algorithm
   fair queuing -- or the smallest counter of a backlogged workload if an
   occupancy correction has put one below it. A returning workload thus starts
   level with the workloads being served, at most one charge ahead of them.
-  An idle workload's counter is forgotten once it is at or below the floor.
+  An idle workload's counter is forgotten once it is at or below the floor,
+  and in any case when the registry forgets the workload (idle TTL): a debt
+  older than that is forgiven.
 
 Guarantees
 - Work-conserving: the policy only orders; it never keeps a free slot idle.
@@ -105,6 +107,11 @@ class FairSharePolicy:
                 self._counters[workload] += (service_time - charged) / self._weight(item)
                 self._learn(workload, service_time)
         self._forget_if_idle(workload)
+
+    def forget(self, workload_id: str) -> None:
+        if workload_id not in self._queued and workload_id not in self._in_flight:
+            self._counters.pop(workload_id, None)
+            self._estimates.pop(workload_id, None)
 
     def _floor(self) -> float:
         # The virtual time is the counter of the latest dispatch, so normally no

@@ -56,6 +56,16 @@ def rejection_for(outcome: Outcome, retry_after: int = 1) -> Rejection:
     )
 
 
+def registry_full(retry_after: int = 1) -> Rejection:
+    """429 for a new workload when the registry tracks all it may (--on-registry-full reject)."""
+    return Rejection(
+        status=429,
+        reason="registry-full",
+        body=b"registry-full: too many workloads are tracked; retry later\n",
+        retry_after=retry_after,
+    )
+
+
 def invalid_request(header: str, detail: str) -> Rejection:
     """400 for unusable workload headers; the JSON body names the header and the problem."""
     body = {"error": "invalid_workload_context", "header": header, "detail": detail}

@@ -43,6 +43,9 @@ class StatelessPolicy:
     def on_done(self, item: QueuedRequest, service_time: float | None) -> None:
         pass
 
+    def forget(self, workload_id: str) -> None:
+        pass
+
 
 class FcfsPolicy(StatelessPolicy):
     name = "fcfs"

@@ -173,6 +173,10 @@ class FlowController:
         await ticket.wait()
         return ticket
 
+    def forget(self, workload_id: str) -> None:
+        """The registry forgot this idle workload: so does the policy."""
+        self._policy.forget(workload_id)
+
     def close(self) -> None:
         """Refuse new requests and reject every queued one with REJECTED_SHUTDOWN."""
         self._closed = True

@@ -7,7 +7,8 @@ by not answering its `request_headers` yet.
 Per stream, in order:
 1. `request_headers`: read the workload context (a bad one is answered 400 at
    once and never tracked), then *new* (`workload_handle_new_request`) and
-   enqueue. When the queue cannot decide at once, first send a lone
+   enqueue. A new workload the full registry cannot take is answered 429
+   `registry-full`, or tracked as the shared `overflow` workload. When the queue cannot decide at once, first send a lone
    `override_message_timeout` so Envoy's short message timeout (meant to catch
    a hung processor) does not fire while the request waits its turn.
 2. The queue decides. DISPATCHED -> *dispatched*
@@ -48,9 +49,10 @@ from extproc.context import (
     ContextParser,
     WorkloadContext,
 )
-from extproc.contracts import Clock, Datastore
-from extproc.outcomes import Outcome, Rejection, invalid_request, rejection_for
+from extproc.contracts import Clock, Datastore, RegistryFull
+from extproc.outcomes import Outcome, Rejection, invalid_request, registry_full, rejection_for
 from extproc.queue import FlowController, FlowRequest, Ticket
+from extproc.registry import OVERFLOW_WORKLOAD
 
 WORKLOAD_ID_HEADER = "x-workload-id"
 QUEUE_WAIT_HEADER = "x-workload-queue-wait-ms"
@@ -89,8 +91,10 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         clock: Clock,
         *,
         hold_timeout: float,
+        overflow_when_full: bool = True,
     ) -> None:
         self._datastore = datastore
+        self._overflow_when_full = overflow_when_full
         self._flow = flow
         self._parser = parser
         self._clock = clock
@@ -138,9 +142,16 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         except ContextError as error:
             self._log.info("request", outcome="invalid-workload-context", error=str(error))
             return _immediate(invalid_request(error.header, error.detail))
-        exchange.workload = workload
         exchange.started = self._clock.now()
-        self._datastore.workload_handle_new_request(workload.workload_id)
+        try:
+            self._datastore.workload_handle_new_request(workload.workload_id)
+        except RegistryFull:
+            if not self._overflow_when_full:
+                self._log.info("request", workload=workload.workload_id, outcome="registry-full")
+                return _immediate(registry_full())
+            workload = WorkloadContext(OVERFLOW_WORKLOAD, workload.criticality)
+            self._datastore.workload_handle_new_request(OVERFLOW_WORKLOAD)
+        exchange.workload = workload
         exchange.ticket = self._flow.enqueue(
             FlowRequest(workload.workload_id, workload.criticality)
         )

@@ -5,8 +5,9 @@ import threading
 import pytest
 
 from extproc.clock import VirtualClock
+from extproc.contracts import RegistryFull
 from extproc.datastore import RegistryDatastore
-from extproc.registry import InMemoryWorkloadRegistry
+from extproc.registry import OVERFLOW_WORKLOAD, InMemoryWorkloadRegistry
 
 
 @pytest.fixture
@@ -120,3 +121,38 @@ def test_threads_hammering_the_registry_balance_exactly() -> None:
     assert sum(m.dispatched_count for m in metrics) == threads * per_thread
     assert all(m.active_requests == 0 for m in metrics)
     assert all(m.average_wait_time == pytest.approx(1.0) for m in metrics)
+
+
+def test_idle_workloads_are_swept_active_ones_never(clock: VirtualClock) -> None:
+    registry = InMemoryWorkloadRegistry(clock, idle_ttl=60.0)
+    registry.increment_active("busy")
+    registry.increment_active("idle")
+    registry.decrement_active("idle")
+    clock.advance(59.0)
+    assert registry.sweep() == []
+    clock.advance(1.0)
+    assert registry.sweep() == ["idle"]
+    clock.advance(3600.0)
+    assert registry.sweep() == []  # a workload with a request in flight or queued stays
+    assert registry.get_metrics("busy").active_requests == 1  # type: ignore[union-attr]
+
+
+def test_activity_postpones_the_sweep(clock: VirtualClock) -> None:
+    registry = InMemoryWorkloadRegistry(clock, idle_ttl=60.0)
+    registry.increment_active("a")
+    clock.advance(50.0)
+    registry.decrement_active("a")  # completion counts as activity
+    clock.advance(50.0)
+    assert registry.sweep() == []
+
+
+def test_full_registry_refuses_new_workloads_but_not_overflow(clock: VirtualClock) -> None:
+    registry = InMemoryWorkloadRegistry(clock, max_workloads=2)
+    registry.increment_active("a")
+    registry.increment_active("b")
+    registry.increment_active("a")  # known workloads are always counted
+    with pytest.raises(RegistryFull):
+        registry.increment_active("c")
+    registry.increment_active(OVERFLOW_WORKLOAD)
+    assert len(registry) == 3
+    assert registry.get_metrics("c") is None

@@ -326,3 +326,40 @@ async def test_admin_http_api(start_service: StartService, channel_to: Any) -> N
         service.ready = False
         async with http.get(f"{base}/readyz") as reply:
             assert reply.status == 503
+
+
+@pytest.mark.parametrize("on_full", ["overflow", "reject"])
+async def test_full_registry_overflows_or_rejects_new_workloads(
+    start_service: StartService, channel_to: Any, on_full: str
+) -> None:
+    service = await start_service(max_workloads=2, on_registry_full=on_full)
+    stub = pb_grpc.ExternalProcessorStub(channel_to(service))
+    for workload in ("a", "b", "newcomer", "a"):
+        stream = stub.Process()
+        await stream.write(workload_headers(workload))
+        answer = await stream.read()
+        if workload == "newcomer" and on_full == "reject":
+            assert answer.immediate_response.status.code == 429
+            assert immediate_headers(answer)["x-workload-dropped-reason"] == "registry-full"
+        else:
+            assert answer.WhichOneof("response") == "request_headers"
+        await stream.write(response_trailers())
+        await stream.read()
+    ids = [m.workload_id for m in service.registry.list_metrics()]
+    assert ids == (["a", "b", "overflow"] if on_full == "overflow" else ["a", "b"])
+    assert counts(service, "a") == (2, 0, 0, 2)
+
+
+async def test_sweep_forgets_idle_workloads_in_registry_and_policy(
+    start_service: StartService, channel_to: Any
+) -> None:
+    service = await start_service(policy="fair-share", workload_idle_ttl=0.01)
+    stream = pb_grpc.ExternalProcessorStub(channel_to(service)).Process()
+    await stream.write(workload_headers("passing"))
+    await stream.read()
+    await stream.write(response_trailers())
+    await stream.read()
+    await eventually(
+        lambda: service.sweep() == 1 or service.registry.get_metrics("passing") is None
+    )
+    assert service.registry.get_metrics("passing") is None
