@@ -1,19 +1,37 @@
-"""The HTTP admin listener: liveness, readiness and the workload read API as JSON."""
+"""The HTTP admin listener: liveness, readiness and the workload read API as JSON.
+
+Liveness and readiness are open to probes; `/v1/...` needs the bearer token when
+one is configured (see `auth`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from extproc.auth import BearerToken
 from extproc.readapi import WorkloadReader
 
 _READER = web.AppKey("reader", WorkloadReader)
 _IS_READY: web.AppKey[Callable[[], bool]] = web.AppKey("is_ready")
+_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def make_admin_app(reader: WorkloadReader, is_ready: Callable[[], bool]) -> web.Application:
-    app = web.Application()
+def make_admin_app(
+    reader: WorkloadReader, is_ready: Callable[[], bool], token: BearerToken
+) -> web.Application:
+    @web.middleware
+    async def authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in _OPEN_PATHS or token.allows(request.headers.get("authorization")):
+            return await handler(request)
+        return web.json_response(
+            {"error": "unauthorized", "detail": "bearer token required"},
+            status=401,
+            headers={"www-authenticate": "Bearer"},
+        )
+
+    app = web.Application(middlewares=[authorize])
     app[_READER] = reader
     app[_IS_READY] = is_ready
     app.router.add_get("/healthz", _healthz)

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from extproc.admin import make_admin_app
 from extproc.api.v1 import registry_pb2, registry_pb2_grpc
+from extproc.auth import BearerToken
 from extproc.clock import SystemClock
 from extproc.config import Settings, parse_address
 from extproc.context import ContextParser
@@ -86,6 +87,7 @@ class Service:
         )
         self.reader = WorkloadReader(self.datastore, self.flow)
         self.health = HealthServicer()
+        self.token = BearerToken(settings.admin_token)
         self.ready = False
         self.grpc_port = 0
         self.admin_port = 0
@@ -98,14 +100,19 @@ class Service:
         server = grpc.aio.server(options=_GRPC_OPTIONS)
         ext_proc_grpc.add_ExternalProcessorServicer_to_server(self.ext_proc, server)
         registry_pb2_grpc.add_WorkloadRegistryServicer_to_server(
-            WorkloadRegistryService(self.reader), server
+            WorkloadRegistryService(self.reader, self.token), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (EXT_PROC_SERVICE, REGISTRY_SERVICE, reflection.SERVICE_NAME, "grpc.health.v1.Health"),
             server,
         )
-        self.grpc_port = server.add_insecure_port(self.settings.listen)
+        credentials = self._tls_credentials()
+        self.grpc_port = (
+            server.add_secure_port(self.settings.listen, credentials)
+            if credentials
+            else server.add_insecure_port(self.settings.listen)
+        )
         if self.grpc_port == 0:
             raise OSError(f"cannot listen on {self.settings.listen}")
         await server.start()
@@ -118,6 +125,7 @@ class Service:
             grpc=self.settings.listen.rsplit(":", 1)[0] + f":{self.grpc_port}",
             admin=self.settings.admin_listen.rsplit(":", 1)[0] + f":{self.admin_port}",
             policy=self.settings.policy,
+            tls="mutual" if self.settings.tls_client_ca else bool(self.settings.tls_cert),
             max_concurrency=self.settings.max_concurrency,
             max_queue=self.settings.max_queue,
             queue_timeout=self.settings.queue_timeout,
@@ -137,6 +145,17 @@ class Service:
             self._admin = None
         self._log.info("stopped")
 
+    def _tls_credentials(self) -> grpc.ServerCredentials | None:
+        settings = self.settings
+        if settings.tls_cert is None or settings.tls_key is None:
+            return None
+        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+
     def sweep(self) -> int:
         """Forget idle workloads in the registry and the policy; returns how many."""
         forgotten = self.registry.sweep()
@@ -151,7 +170,8 @@ class Service:
             self.sweep()
 
     async def _start_admin(self) -> web.AppRunner:
-        runner = web.AppRunner(make_admin_app(self.reader, lambda: self.ready), access_log=None)
+        app = make_admin_app(self.reader, lambda: self.ready, self.token)
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         host, port = parse_address(self.settings.admin_listen)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -8,11 +8,13 @@ with one line naming the setting.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from extproc.auth import is_loopback
 from extproc.fair_share import DEFAULT_WEIGHTS
 from extproc.policy import POLICIES, PolicyOptions, ScoreWeights
 
@@ -40,9 +42,7 @@ class Settings(BaseSettings):
     )
     default_workload: str = Field("default", min_length=1, max_length=128)
     max_workloads: int = Field(100_000, ge=1, description="workloads tracked at once")
-    workload_idle_ttl: float = Field(
-        300.0, gt=0, description="forget a workload idle this long, s"
-    )
+    workload_idle_ttl: float = Field(300.0, gt=0, description="forget a workload idle this long, s")
     on_registry_full: Literal["reject", "overflow"] = Field(
         "overflow", description="new workload past --max-workloads: 429, or the `overflow` workload"
     )
@@ -59,6 +59,16 @@ class Settings(BaseSettings):
     criticality_weights: str = Field(
         ",".join(f"{w:g}" for w in DEFAULT_WEIGHTS),
         description="fair-share: weights of criticality 1..5, comma-separated",
+    )
+    admin_token: str | None = Field(
+        None,
+        min_length=16,
+        description="bearer token for the read APIs; required off loopback (prefer the env var)",
+    )
+    tls_cert: Path | None = Field(None, description="gRPC listener: certificate chain (PEM)")
+    tls_key: Path | None = Field(None, description="gRPC listener: private key (PEM)")
+    tls_client_ca: Path | None = Field(
+        None, description="gRPC listener: require client certificates signed by this CA (mTLS)"
     )
     log_format: Literal["json", "console"] = Field("json", description="json or console")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -87,6 +97,24 @@ class Settings(BaseSettings):
             raise ValueError("expected five positive numbers, for criticality 1..5")
         return value
 
+    @field_validator("tls_cert", "tls_key", "tls_client_ca")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _secure_off_loopback(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        for flag, address in (("--listen", self.listen), ("--admin-listen", self.admin_listen)):
+            if not is_loopback(parse_address(address)[0]) and self.admin_token is None:
+                raise ValueError(f"{flag} {address} is not loopback: set --admin-token")
+        return self
+
     def policy_options(self) -> PolicyOptions:
         return PolicyOptions(
             score=ScoreWeights(
@@ -104,9 +132,11 @@ class Settings(BaseSettings):
 def describe_error(error: ValidationError) -> str:
     """One line naming the first bad setting, as the user spelled it on the command line."""
     first = error.errors()[0]
-    name = str(first["loc"][0]) if first["loc"] else "settings"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if not first["loc"]:
+        return f"invalid settings: {message}"
+    name = str(first["loc"][0])
     flag = "--" + name.replace("_", "-")
     value = first.get("input")
-    shown = "" if isinstance(value, dict) else f"={value}"
-    message = str(first["msg"]).removeprefix("Value error, ")
+    shown = "" if isinstance(value, dict) or name == "admin_token" else f"={value}"
     return f"invalid setting {flag}{shown} (env {ENV_PREFIX}{name.upper()}): {message}"

@@ -15,7 +15,7 @@ request mint a registry entry and jump the queue as a newcomer.
 from __future__ import annotations
 
 import json
-import re
+import unicodedata
 from dataclasses import dataclass
 
 WORKLOAD_CONTEXT_HEADER = "x-workload-context"
@@ -26,7 +26,10 @@ MIN_CRITICALITY = 1
 MAX_CRITICALITY = 5
 DEFAULT_CRITICALITY = 3
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C0/C1 controls, format characters (bidi overrides, zero-width), line and
+# paragraph separators, lone surrogates: anything that could forge or hide a
+# log line or a header.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +119,8 @@ def _check_id(header: str, what: str, workload_id: str) -> str:
         raise ContextError(header, f"{what} is not valid Unicode") from None
     if size > MAX_ID_BYTES:
         raise ContextError(header, f"{what} longer than {MAX_ID_BYTES} bytes")
-    if _CONTROL.search(workload_id):
+    if not (workload_id.isascii() and workload_id.isprintable()) and any(
+        unicodedata.category(char) in _UNSAFE_CATEGORIES for char in workload_id
+    ):
         raise ContextError(header, f"{what} contains control characters")
     return workload_id

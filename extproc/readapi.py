@@ -12,6 +12,7 @@ from google.protobuf import timestamp_pb2
 
 from extproc.api.v1 import registry_pb2 as pb
 from extproc.api.v1 import registry_pb2_grpc as pb_grpc
+from extproc.auth import BearerToken
 from extproc.contracts import Datastore, WorkloadMetrics
 from extproc.queue import FlowController
 
@@ -71,13 +72,24 @@ class WorkloadReader:
         )
 
 
+Context = grpc.aio.ServicerContext[object, object]
+
+
 class WorkloadRegistryService(pb_grpc.WorkloadRegistryServicer):
-    def __init__(self, reader: WorkloadReader) -> None:
+    def __init__(self, reader: WorkloadReader, token: BearerToken) -> None:
         self._reader = reader
+        self._token = token
+
+    async def _authorize(self, context: Context) -> None:
+        if self._token.required:
+            metadata = dict(context.invocation_metadata() or ())
+            if not self._token.allows(str(metadata.get("authorization", ""))):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bearer token required")
 
     async def GetMetrics(  # gRPC method names
-        self, request: pb.GetMetricsRequest, context: grpc.aio.ServicerContext[object, object]
+        self, request: pb.GetMetricsRequest, context: Context
     ) -> pb.Workload:
+        await self._authorize(context)
         status = self._reader.get(request.workload_id)
         if status is None:
             await context.abort(
@@ -87,13 +99,15 @@ class WorkloadRegistryService(pb_grpc.WorkloadRegistryServicer):
         return status.as_proto()
 
     async def ListWorkloads(
-        self, request: pb.ListWorkloadsRequest, context: grpc.aio.ServicerContext[object, object]
+        self, request: pb.ListWorkloadsRequest, context: Context
     ) -> pb.ListWorkloadsResponse:
+        await self._authorize(context)
         return pb.ListWorkloadsResponse(workloads=[s.as_proto() for s in self._reader.list()])
 
     async def WatchWorkloads(
-        self, request: pb.WatchWorkloadsRequest, context: grpc.aio.ServicerContext[object, object]
+        self, request: pb.WatchWorkloadsRequest, context: Context
     ) -> AsyncIterator[pb.WorkloadSnapshot]:
+        await self._authorize(context)
         interval = request.interval.ToTimedelta().total_seconds() or DEFAULT_WATCH_INTERVAL
         interval = max(interval, MIN_WATCH_INTERVAL)
         while True:

@@ -8,9 +8,10 @@ Per stream, in order:
 1. `request_headers`: read the workload context (a bad one is answered 400 at
    once and never tracked), then *new* (`workload_handle_new_request`) and
    enqueue. A new workload the full registry cannot take is answered 429
-   `registry-full`, or tracked as the shared `overflow` workload. When the queue cannot decide at once, first send a lone
-   `override_message_timeout` so Envoy's short message timeout (meant to catch
-   a hung processor) does not fire while the request waits its turn.
+   `registry-full`, or tracked as the shared `overflow` workload. When the
+   queue cannot decide at once, first send a lone `override_message_timeout`
+   so Envoy's short message timeout (meant to catch a hung processor) does
+   not fire while the request waits its turn.
 2. The queue decides. DISPATCHED -> *dispatched*
    (`workload_handle_dispatched_request` with the queue wait) and CONTINUE with
    `x-workload-id` and `x-workload-queue-wait-ms` added upstream. Anything else
