@@ -139,10 +139,8 @@ async def test_mtls_with_a_real_envoy(start_service: StartService, tmp_path: Pat
         async with grpc.aio.secure_channel(
             f"127.0.0.1:{service.grpc_port}", credentials
         ) as channel:
-            stream = pb_grpc.ExternalProcessorStub(channel).Process()
             with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await stream.write(workload_headers("intruder"))
-                await stream.read()
+                await exchange_headers(channel, "intruder")
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert service.registry.get_metrics("intruder") is None
 
@@ -157,7 +155,8 @@ def envoy_tls(ca: Path, cert: Path, key: Path) -> dict[str, Any]:
     return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "@type": "type.googleapis.com/"
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
             "sni": "localhost",
             "common_tls_context": {
                 "alpn_protocols": ["h2"],
