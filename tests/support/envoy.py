@@ -107,6 +107,12 @@ class Envoy:
                 stats[name] = int(value)
         return stats
 
+    async def kill(self) -> None:
+        """SIGKILL: no drain, every connection dropped at once."""
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+            await self._process.wait()
+
     async def stop(self) -> None:
         if self._process is not None and self._process.returncode is None:
             self._process.terminate()

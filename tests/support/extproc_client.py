@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -48,8 +48,17 @@ def immediate_headers(response: Any) -> dict[str, str]:
 
 async def eventually(condition: Callable[[], bool], within: float = 5.0) -> None:
     """Wait until `condition()` holds; fail after `within` seconds (a loose bound)."""
+
+    async def check() -> bool:
+        return condition()
+
+    await eventually_async(check, within)
+
+
+async def eventually_async(condition: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
+    """`eventually` for a condition that must itself await (an HTTP read, say)."""
     deadline = time.monotonic() + within
-    while not condition():
+    while not await condition():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met within the time limit")
         await asyncio.sleep(0.01)
