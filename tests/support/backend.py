@@ -30,6 +30,7 @@ class Backend:
         app.router.add_get("/stream", self._stream)
         app.router.add_get("/reset", self._reset)
         app.router.add_get("/work", self._work)
+        app.router.add_get("/drip", self._drip)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         sock = socket.create_server(("127.0.0.1", 0))
@@ -55,6 +56,17 @@ class Backend:
         self._arrive(request)
         await asyncio.sleep(float(request.query["seconds"]))
         return web.Response(text="ok")
+
+    async def _drip(self, request: web.Request) -> web.StreamResponse:
+        """A chunk every 50 ms for `?seconds=S`, like tokens streaming."""
+        self._arrive(request)
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(int(float(request.query["seconds"]) / 0.05)):
+            await response.write(b"token\n")
+            await asyncio.sleep(0.05)
+        await response.write_eof()
+        return response
 
     async def _held(self, request: web.Request) -> web.Response:
         self._arrive(request)

@@ -58,6 +58,13 @@ class ServeProcess:
         ):
             return (await reply.json())["workloads"]  # type: ignore[no-any-return]
 
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
     async def kill(self) -> None:
         assert self._process is not None
         self._process.kill()
