@@ -1,13 +1,16 @@
-"""The HTTP admin listener: liveness, readiness and the workload read API as JSON.
+"""The HTTP admin listener: liveness, readiness, Prometheus metrics and the workload
+read API as JSON.
 
-Liveness and readiness are open to probes; `/v1/...` needs the bearer token when
-one is configured (see `auth`)."""
+Liveness and readiness are open to probes; `/metrics` and `/v1/...` (which name
+workloads) need the bearer token when one is configured (see `auth`)."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from extproc.auth import BearerToken
 from extproc.readapi import WorkloadReader
@@ -19,7 +22,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def make_admin_app(
-    reader: WorkloadReader, is_ready: Callable[[], bool], token: BearerToken
+    reader: WorkloadReader,
+    is_ready: Callable[[], bool],
+    token: BearerToken,
+    metrics: CollectorRegistry,
 ) -> web.Application:
     @web.middleware
     async def authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -38,6 +44,7 @@ def make_admin_app(
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/v1/workloads", _list_workloads)
     app.router.add_get("/v1/workloads/{workload_id}", _get_workload)
+    app.router.add_get("/metrics", make_aiohttp_handler(metrics))
     return app
 
 

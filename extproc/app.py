@@ -31,6 +31,7 @@ from extproc.config import Settings, parse_address
 from extproc.context import ContextParser
 from extproc.contracts import Clock
 from extproc.datastore import RegistryDatastore
+from extproc.metrics import Metrics
 from extproc.policy import make_policy
 from extproc.queue import FlowController
 from extproc.readapi import WorkloadReader, WorkloadRegistryService
@@ -74,6 +75,9 @@ class Service:
             max_queue=settings.max_queue,
             queue_timeout=settings.queue_timeout,
         )
+        self.reader = WorkloadReader(self.datastore, self.flow)
+        self.metrics = Metrics(self.reader, settings.metrics_top_workloads)
+        self.flow.on_pick = self.metrics.decision.observe
         parser = ContextParser(
             settings.default_workload if settings.on_missing_context == "default" else None
         )
@@ -82,10 +86,10 @@ class Service:
             self.flow,
             parser,
             clock,
+            self.metrics,
             hold_timeout=settings.queue_timeout + HOLD_MARGIN,
             overflow_when_full=settings.on_registry_full == "overflow",
         )
-        self.reader = WorkloadReader(self.datastore, self.flow)
         self.health = HealthServicer()
         self.token = BearerToken(settings.admin_token)
         self.ready = False
@@ -170,7 +174,7 @@ class Service:
             self.sweep()
 
     async def _start_admin(self) -> web.AppRunner:
-        app = make_admin_app(self.reader, lambda: self.ready, self.token)
+        app = make_admin_app(self.reader, lambda: self.ready, self.token, self.metrics.registry)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         host, port = parse_address(self.settings.admin_listen)

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
         ",".join(f"{w:g}" for w in DEFAULT_WEIGHTS),
         description="fair-share: weights of criticality 1..5, comma-separated",
     )
+    metrics_top_workloads: int = Field(
+        50, ge=0, description="workloads with their own metric series; the rest are `other`"
+    )
     admin_token: str | None = Field(
         None,
         min_length=16,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,6 +120,7 @@ class FlowController:
         max_queue: int = 10_000,
         queue_timeout: float | None = 30.0,
         on_decided: Callable[[Ticket], None] | None = None,
+        on_pick: Callable[[float], None] | None = None,
     ) -> None:
         if max_concurrency < 0 or max_queue < 0:
             raise ValueError("max_concurrency and max_queue must be >= 0")
@@ -131,6 +133,8 @@ class FlowController:
         self.queue_timeout = queue_timeout
         self.on_decided = on_decided
         """Observer called synchronously the moment each ticket's outcome is decided."""
+        self.on_pick = on_pick
+        """Observer of the seconds each dispatch decision took (wall clock, not `clock`)."""
         self._flows: dict[FlowKey, OrderedDict[int, Ticket]] = {}
         self._queued_by_workload: dict[str, int] = {}
         self._queued = 0
@@ -228,7 +232,12 @@ class FlowController:
 
     def _dispatch_ready(self) -> None:
         while self._flows and self._has_free_slot():
-            ticket = self._pick()
+            if self.on_pick is None:
+                ticket = self._pick()
+            else:
+                started = time.perf_counter()
+                ticket = self._pick()
+                self.on_pick(time.perf_counter() - started)
             self._remove(ticket)
             self._take_slot(ticket, self._clock.now())
 

@@ -46,17 +46,17 @@ class WorkloadStatus:
 class WorkloadReader:
     def __init__(self, datastore: Datastore, flow: FlowController) -> None:
         self._registry = datastore.get_workload_registry()
-        self._flow = flow
+        self.flow = flow
 
     def get(self, workload_id: str) -> WorkloadStatus | None:
         metrics = self._registry.get_metrics(workload_id)
         if metrics is None:
             return None
-        return WorkloadStatus(metrics, self._flow.queued_for(workload_id))
+        return WorkloadStatus(metrics, self.flow.queued_for(workload_id))
 
     def list(self) -> list[WorkloadStatus]:
         return [
-            WorkloadStatus(m, self._flow.queued_for(m.workload_id))
+            WorkloadStatus(m, self.flow.queued_for(m.workload_id))
             for m in self._registry.list_metrics()
         ]
 
@@ -66,9 +66,9 @@ class WorkloadReader:
         return pb.WorkloadSnapshot(
             time=time,
             workloads=[status.as_proto() for status in self.list()],
-            in_flight=self._flow.in_flight,
-            queued=self._flow.queued,
-            max_concurrency=self._flow.max_concurrency,
+            in_flight=self.flow.in_flight,
+            queued=self.flow.queued,
+            max_concurrency=self.flow.max_concurrency,
         )
 
 

@@ -51,6 +51,7 @@ from extproc.context import (
     WorkloadContext,
 )
 from extproc.contracts import Clock, Datastore, RegistryFull
+from extproc.metrics import Metrics
 from extproc.outcomes import Outcome, Rejection, invalid_request, registry_full, rejection_for
 from extproc.queue import FlowController, FlowRequest, Ticket
 from extproc.registry import OVERFLOW_WORKLOAD
@@ -90,6 +91,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         flow: FlowController,
         parser: ContextParser,
         clock: Clock,
+        metrics: Metrics,
         *,
         hold_timeout: float,
         overflow_when_full: bool = True,
@@ -99,6 +101,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         self._flow = flow
         self._parser = parser
         self._clock = clock
+        self._metrics = metrics
         self._log = structlog.get_logger("extproc.request")
         seconds, fraction = divmod(hold_timeout, 1.0)
         self._hold = pb.ProcessingResponse(
@@ -142,6 +145,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
             workload = self._parser.parse(_context_headers(headers.headers))
         except ContextError as error:
             self._log.info("request", outcome="invalid-workload-context", error=str(error))
+            self._metrics.record("invalid-workload-context", None, rejected=True)
             return _immediate(invalid_request(error.header, error.detail))
         exchange.started = self._clock.now()
         try:
@@ -149,6 +153,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         except RegistryFull:
             if not self._overflow_when_full:
                 self._log.info("request", workload=workload.workload_id, outcome="registry-full")
+                self._metrics.record("registry-full", None, rejected=True)
                 return _immediate(registry_full())
             workload = WorkloadContext(OVERFLOW_WORKLOAD, workload.criticality)
             self._datastore.workload_handle_new_request(OVERFLOW_WORKLOAD)
@@ -179,12 +184,16 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         if ticket is not None:
             ticket.close()
         self._datastore.workload_handle_completed_request(workload.workload_id)
+        outcome = ticket.outcome if ticket and ticket.outcome else Outcome.EVICTED_CLIENT_GONE
+        wait = ticket.wait_time if ticket else 0.0
+        rejected = outcome not in (Outcome.DISPATCHED, Outcome.EVICTED_CLIENT_GONE)
+        self._metrics.record(outcome.value, wait, rejected)
         self._log.info(
             "request",
             workload=workload.workload_id,
             criticality=workload.criticality,
-            outcome=ticket.outcome.value if ticket and ticket.outcome else "unknown",
-            queue_wait_ms=round(ticket.wait_time * 1000, 3) if ticket else 0.0,
+            outcome=outcome.value,
+            queue_wait_ms=round(wait * 1000, 3),
             duration_ms=round((self._clock.now() - exchange.started) * 1000, 3),
         )
 

@@ -1,0 +1,121 @@
+"""Prometheus metrics, on the admin listener's `/metrics`.
+
+Per request (updated where the stream handler records each outcome):
+  extproc_requests_total{outcome}             every request, by how it left
+  extproc_rejections_total{reason}            requests answered without the backend
+  extproc_queue_wait_seconds{outcome}         enqueue to decision
+  extproc_dispatch_decision_seconds           time to pick the next request
+At scrape time (read from the queue and the registry, no request-path cost):
+  extproc_queue_size, extproc_in_flight_requests, extproc_max_concurrency,
+  extproc_tracked_workloads, and per workload -- the N busiest by request rate,
+  the rest summed as workload="other", so cardinality stays bounded whatever
+  ids clients send --
+  extproc_workload_request_rate, extproc_workload_active_requests,
+  extproc_workload_queued_requests, extproc_workload_average_wait_seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from extproc.readapi import WorkloadReader, WorkloadStatus
+
+OTHER = "other"
+_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_DECISION_BUCKETS = (1e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2)
+
+
+class Metrics:
+    def __init__(self, reader: WorkloadReader, top_workloads: int = 50) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "extproc_requests",
+            "Requests seen by the processor, by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.rejections = Counter(
+            "extproc_rejections",
+            "Requests answered without reaching the backend, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "extproc_queue_wait_seconds",
+            "Time from enqueue until the queue decided, by outcome.",
+            ["outcome"],
+            buckets=_WAIT_BUCKETS,
+            registry=self.registry,
+        )
+        self.decision = Histogram(
+            "extproc_dispatch_decision_seconds",
+            "Time the policy took to choose the next request to dispatch.",
+            buckets=_DECISION_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_StateCollector(reader, top_workloads))
+
+    def record(self, outcome: str, queue_wait: float | None, rejected: bool) -> None:
+        self.requests.labels(outcome).inc()
+        if rejected:
+            self.rejections.labels(outcome).inc()
+        if queue_wait is not None:
+            self.queue_wait.labels(outcome).observe(queue_wait)
+
+
+class _StateCollector(Collector):
+    def __init__(self, reader: WorkloadReader, top: int) -> None:
+        self._reader = reader
+        self._top = top
+
+    def collect(self) -> Iterable[Metric]:
+        flow = self._reader.flow
+        yield _gauge("extproc_queue_size", "Requests waiting in the queue.", flow.queued)
+        yield _gauge(
+            "extproc_in_flight_requests", "Requests dispatched, not completed.", flow.in_flight
+        )
+        yield _gauge(
+            "extproc_max_concurrency", "The in-flight limit; 0 is unlimited.", flow.max_concurrency
+        )
+        statuses = self._reader.list()
+        yield _gauge("extproc_tracked_workloads", "Workloads in the registry.", len(statuses))
+        yield from self._per_workload(statuses)
+
+    def _per_workload(self, statuses: list[WorkloadStatus]) -> Iterable[Metric]:
+        ranked = sorted(statuses, key=lambda s: s.metrics.request_rate, reverse=True)
+        families = _WorkloadFamilies()
+        for status in ranked[: self._top]:
+            families.add(status.metrics.workload_id, [status])
+        if len(ranked) > self._top:
+            families.add(OTHER, ranked[self._top :])
+        return families.all()
+
+
+class _WorkloadFamilies:
+    def __init__(self) -> None:
+        def family(name: str, documentation: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, documentation, labels=["workload"])
+
+        self.rate = family("extproc_workload_request_rate", "Requests per second.")
+        self.active = family("extproc_workload_active_requests", "Queued plus in flight.")
+        self.queued = family("extproc_workload_queued_requests", "Waiting in the queue.")
+        self.wait = family("extproc_workload_average_wait_seconds", "EMA of the queue wait.")
+
+    def add(self, label: str, group: list[WorkloadStatus]) -> None:
+        dispatched = sum(s.metrics.dispatched_count for s in group)
+        weighted = sum(s.metrics.average_wait_time * s.metrics.dispatched_count for s in group)
+        self.rate.add_metric([label], sum(s.metrics.request_rate for s in group))
+        self.active.add_metric([label], sum(s.metrics.active_requests for s in group))
+        self.queued.add_metric([label], sum(s.queued_requests for s in group))
+        self.wait.add_metric([label], weighted / dispatched if dispatched else 0.0)
+
+    def all(self) -> list[Metric]:
+        return [self.rate, self.active, self.queued, self.wait]
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)

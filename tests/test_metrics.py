@@ -1,0 +1,109 @@
+"""/metrics: outcome counters, waits, gauges, and bounded per-workload cardinality."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from extproc.app import Service
+
+from .conftest import StartService
+from .support.extproc_client import request_headers, response_trailers, workload_headers
+
+
+async def scrape(service: Service) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{service.admin_port}/metrics") as reply,
+    ):
+        assert reply.status == 200
+        text = await reply.text()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+async def exchange(channel: grpc.aio.Channel, message: Any, complete: bool = True) -> Any:
+    stream = pb_grpc.ExternalProcessorStub(channel).Process()
+    await stream.write(message)
+    answer = await stream.read()
+    if complete and answer.WhichOneof("response") == "request_headers":
+        await stream.write(response_trailers())
+        await stream.read()
+    return stream, answer
+
+
+async def test_outcomes_waits_and_gauges(start_service: StartService) -> None:
+    service = await start_service(max_concurrency=1, max_queue=1, queue_timeout=0.2)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        await exchange(channel, workload_headers("a"))  # dispatched, completed
+        running, _ = await exchange(channel, workload_headers("a"), complete=False)
+        waiting = pb_grpc.ExternalProcessorStub(channel).Process()
+        await waiting.write(workload_headers("b"))
+        await waiting.read()  # held
+        await exchange(channel, workload_headers("c"))  # queue full
+        await exchange(channel, request_headers({"x-workload-context": "nope"}))  # invalid
+        samples = await scrape(service)
+        assert samples["extproc_queue_size", ()] == 1
+        assert samples["extproc_in_flight_requests", ()] == 1
+        assert samples["extproc_max_concurrency", ()] == 1
+        assert samples["extproc_tracked_workloads", ()] == 3
+        assert samples["extproc_workload_queued_requests", (("workload", "b"),)] == 1
+        assert (await waiting.read()).immediate_response.status.code == 503  # queue timeout
+        picked = pb_grpc.ExternalProcessorStub(channel).Process()
+        await picked.write(workload_headers("d"))
+        await picked.read()  # held, then picked from the queue when `running` ends
+        running.cancel()
+        assert (await picked.read()).WhichOneof("response") == "request_headers"
+        await picked.write(response_trailers())
+        await picked.read()
+    samples = await scrape(service)
+    outcome = lambda name: samples["extproc_requests_total", (("outcome", name),)]  # noqa: E731
+    assert outcome("dispatched") == 3
+    assert outcome("queue-full") == outcome("queue-timeout") == 1
+    assert outcome("invalid-workload-context") == 1
+    assert samples["extproc_rejections_total", (("reason", "queue-full"),)] == 1
+    assert samples["extproc_rejections_total", (("reason", "queue-timeout"),)] == 1
+    assert samples["extproc_queue_wait_seconds_count", (("outcome", "queue-timeout"),)] == 1
+    assert samples["extproc_queue_wait_seconds_sum", (("outcome", "queue-timeout"),)] >= 0.2
+    assert samples["extproc_dispatch_decision_seconds_count", ()] >= 1
+
+
+async def test_per_workload_series_are_bounded(start_service: StartService) -> None:
+    service = await start_service(metrics_top_workloads=2)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        for workload, requests in (("big", 6), ("medium", 4), ("small", 2), ("tiny", 1)):
+            for _ in range(requests):
+                await exchange(channel, workload_headers(workload))
+    samples = await scrape(service)
+    rates = {
+        dict(labels)["workload"]: value
+        for (name, labels), value in samples.items()
+        if name == "extproc_workload_request_rate"
+    }
+    assert set(rates) == {"big", "medium", "other"}
+    assert rates["other"] == rates["big"] / 6 * 3  # small and tiny, summed
+
+
+async def test_metric_names_follow_prometheus_conventions(start_service: StartService) -> None:
+    service = await start_service()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{service.admin_port}/metrics") as reply,
+    ):
+        text = await reply.text()
+    families = list(text_string_to_metric_families(text))
+    assert families
+    for family in families:
+        assert family.name.startswith("extproc_"), family.name
+        if family.type == "counter":
+            assert not family.name.endswith("_total")  # the parser strips it ...
+            assert f"{family.name}_total" in text  # ... from the exposed name
+        if "seconds" in family.name and not family.name.endswith("_created"):
+            assert family.name.endswith("_seconds")
