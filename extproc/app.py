@@ -1,10 +1,16 @@
 """Wiring: build the registry, datastore, policy, queue and servers from Settings, and run them.
 
 Lifecycle: `start` binds the gRPC port (ext_proc stream, read API, health,
-reflection) and the HTTP admin port, then reports ready. `stop` reports not
-ready, rejects every queued request with 503 `shutdown`, and gives streams in
-flight `grace` seconds to finish before the server cancels them -- each
-cancellation still runs its stream's completion bookkeeping.
+reflection) and the HTTP admin port, then reports ready. `stop` (on SIGTERM or
+SIGINT) drains:
+1. readiness and the health services turn NOT_SERVING, so probes and Envoy's
+   health check route new traffic elsewhere; requests that still arrive are
+   answered 503 `shutdown`;
+2. queued requests keep being dispatched as capacity frees, for at most
+   `--drain-timeout` seconds; whatever is still queued then gets 503 `shutdown`;
+3. responses in flight get `--shutdown-grace` seconds to finish;
+4. the server closes; streams still open are cancelled, and each cancellation
+   still runs its stream's completion bookkeeping.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import asyncio
 import contextlib
 import signal
 import socket
+from collections.abc import Coroutine
 
 import grpc
 import structlog
@@ -135,14 +142,21 @@ class Service:
             queue_timeout=self.settings.queue_timeout,
         )
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, drain_timeout: float | None = None, grace: float | None = None) -> None:
+        """Drain, then stop: see the module docstring. Every request is counted out."""
+        drain = self.settings.drain_timeout if drain_timeout is None else drain_timeout
+        grace = self.settings.shutdown_grace if grace is None else grace
+        self._log.info("draining", queued=self.flow.queued, in_flight=self.flow.in_flight)
         await self._set_ready(False)
+        self.flow.stop_accepting()
+        await _within(drain, self.flow.wait_for(lambda: self.flow.queued == 0))
+        self.flow.close()
+        await _within(grace, self.flow.wait_for(lambda: self.flow.in_flight == 0))
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        self.flow.close()
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(0)
             self._server = None
         if self._admin is not None:
             await self._admin.cleanup()
@@ -192,6 +206,12 @@ class Service:
             # Liveness stays SERVING while the process runs; the rest follow readiness.
             alive = name == "liveness"
             await self.health.set(name, serving if ready or alive else not_serving)
+
+
+async def _within(seconds: float, waiting: Coroutine[None, None, None]) -> None:
+    """Await `waiting`, giving up after `seconds`."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(waiting, seconds)
 
 
 async def run(settings: Settings) -> None:

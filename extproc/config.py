@@ -60,6 +60,12 @@ class Settings(BaseSettings):
         ",".join(f"{w:g}" for w in DEFAULT_WEIGHTS),
         description="fair-share: weights of criticality 1..5, comma-separated",
     )
+    drain_timeout: float = Field(
+        10.0, ge=0, description="on SIGTERM, keep dispatching queued requests this long, s"
+    )
+    shutdown_grace: float = Field(
+        30.0, ge=0, description="then let responses in flight finish for this long, s"
+    )
     metrics_top_workloads: int = Field(
         50, ge=0, description="workloads with their own metric series; the rest are `other`"
     )

@@ -140,7 +140,8 @@ class FlowController:
         self._queued = 0
         self._in_flight = 0
         self._seq = itertools.count()
-        self._closed = False
+        self._accepting = True
+        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
 
     @property
     def in_flight(self) -> int:
@@ -159,7 +160,7 @@ class FlowController:
         ticket = Ticket(
             self, QueuedRequest(request.workload_id, request.criticality, now, next(self._seq))
         )
-        if self._closed:
+        if not self._accepting:
             ticket._decide(Outcome.REJECTED_SHUTDOWN, now)
         elif self._has_free_slot():
             self._policy.on_enqueue(ticket.request)
@@ -181,9 +182,30 @@ class FlowController:
         """The registry forgot this idle workload: so does the policy."""
         self._policy.forget(workload_id)
 
+    async def wait_for(self, condition: Callable[[], bool]) -> None:
+        """Return once `condition()` holds, re-checked whenever the queue or a slot changes."""
+        if condition():
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append((condition, future))
+        try:
+            await future
+        finally:
+            self._waiters = [(c, f) for c, f in self._waiters if f is not future]
+
+    def _notify(self) -> None:
+        # Called only once an operation has finished, never from a state in between.
+        for condition, future in self._waiters:
+            if not future.done() and condition():
+                future.set_result(None)
+
+    def stop_accepting(self) -> None:
+        """Refuse new requests (REJECTED_SHUTDOWN); those queued keep being dispatched."""
+        self._accepting = False
+
     def close(self) -> None:
         """Refuse new requests and reject every queued one with REJECTED_SHUTDOWN."""
-        self._closed = True
+        self._accepting = False
         for flow in list(self._flows.values()):
             for ticket in list(flow.values()):
                 self._evict(ticket, Outcome.REJECTED_SHUTDOWN)
@@ -229,6 +251,8 @@ class FlowController:
         dispatched_at = ticket.request.enqueued_at + ticket.wait_time
         self._policy.on_done(ticket.request, self._clock.now() - dispatched_at)
         self._dispatch_ready()
+        if self._waiters:
+            self._notify()
 
     def _dispatch_ready(self) -> None:
         while self._flows and self._has_free_slot():
@@ -255,3 +279,5 @@ class FlowController:
             self._remove(ticket)
             self._policy.on_done(ticket.request, None)
             ticket._decide(outcome, self._clock.now())
+            if self._waiters:
+                self._notify()

@@ -22,4 +22,4 @@ async def start_service() -> AsyncIterator[StartService]:
 
     yield start
     for service in started:
-        await service.stop(grace=1.0)
+        await service.stop(drain_timeout=0, grace=0)

@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from extproc.app import HOLD_MARGIN
+from extproc.app import HEALTH_SERVICES, HOLD_MARGIN
 from extproc.config import Settings
 
 from .support.envoy import BUNDLED_CONFIG, envoy_binary, ext_proc_filter
@@ -63,3 +63,11 @@ def test_processor_cluster_speaks_http2() -> None:
     ]
     options = cluster["typed_extension_protocol_options"]
     assert "http2_protocol_options" in next(iter(options.values()))["explicit_http_config"]
+
+
+def test_processor_is_health_checked_on_a_service_it_serves() -> None:
+    (cluster,) = [
+        c for c in load()["static_resources"]["clusters"] if c["name"] == "workload_extproc"
+    ]
+    (check,) = cluster["health_checks"]
+    assert check["grpc_health_check"]["service_name"] in HEALTH_SERVICES

@@ -244,3 +244,21 @@ def test_invalid_limits_are_refused() -> None:
         FlowController(FcfsPolicy(), VirtualClock(), max_queue=-1)
     with pytest.raises(ValueError, match="positive"):
         FlowController(FcfsPolicy(), VirtualClock(), queue_timeout=0)
+
+
+async def test_wait_for_wakes_when_the_queue_empties() -> None:
+    clock = VirtualClock()
+    flow = controller(clock)
+    running = flow.enqueue(A)
+    flow.enqueue(B)
+    emptied = asyncio.create_task(flow.wait_for(lambda: flow.queued == 0))
+    idle = asyncio.create_task(flow.wait_for(lambda: flow.in_flight == 0))
+    await settle()
+    assert not emptied.done()
+    running.close()  # B is dispatched: the queue is empty, a slot still taken
+    await settle()
+    assert emptied.done()
+    assert not idle.done()
+    idle.cancel()
+    await settle()
+    assert flow._waiters == []

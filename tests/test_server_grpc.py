@@ -207,7 +207,7 @@ async def test_shutdown_answers_queued_requests_503(
     await running.read()
     await queued.write(workload_headers("b"))
     await queued.read()
-    stopping = asyncio.create_task(service.stop(grace=2.0))
+    stopping = asyncio.create_task(service.stop(drain_timeout=0, grace=2.0))
     answer = await queued.read()
     assert answer.immediate_response.status.code == 503
     assert immediate_headers(answer)["x-workload-dropped-reason"] == "shutdown"
