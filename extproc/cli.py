@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
 from aiohttp import web
 from pydantic import ValidationError
 from rich.console import Console
@@ -17,7 +18,15 @@ from rich.table import Table
 
 from extproc import __version__
 from extproc.app import run
-from extproc.config import Settings, describe_error, parse_address
+from extproc.config import (
+    ConfigFile,
+    ConfigFileError,
+    Settings,
+    describe_error,
+    load_settings,
+    parse_address,
+    public_view,
+)
 from extproc.demo_backend import make_demo_app
 from extproc.log import configure_logging
 from extproc.policy import POLICIES
@@ -33,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if command == "simulate":
         return _simulate(args)
+    if command == "config":
+        return _config(args)
     return _demo_backend(args)
 
 
@@ -44,17 +55,18 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="run the ext_proc service",
-        description="Every flag can also be set as EXTPROC_<FLAG> in the environment.",
+        description="Every flag can also be set as EXTPROC_<FLAG> in the environment "
+        "or as a key of the --config file; flags win over the environment, which wins "
+        "over the file.",
     )
-    for name, field in Settings.model_fields.items():
-        # SUPPRESS: only flags the user typed reach Settings, so env and defaults fill the rest.
-        serve.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            default=argparse.SUPPRESS,
-            metavar=name.upper(),
-            help=f"{field.description or ''} (default: {field.default})",
-        )
+    _add_setting_flags(serve)
+
+    config = commands.add_parser("config", help="show or check settings")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    show = config_commands.add_parser("show", help="print the effective settings as YAML")
+    _add_setting_flags(show)
+    check = config_commands.add_parser("check", help="validate a config file")
+    check.add_argument("file", type=Path)
 
     simulate = commands.add_parser(
         "simulate",
@@ -77,11 +89,67 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(flags: dict[str, str]) -> int:
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings")
+    for name, field in Settings.model_fields.items():
+        # SUPPRESS: only flags the user typed reach Settings, so env and file fill the rest.
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=argparse.SUPPRESS,
+            metavar=name.upper(),
+            help=f"{field.description or ''} (default: {field.default})",
+        )
+
+
+def _settings(flags: dict[str, object]) -> Settings | None:
+    """Settings from flags, env and --config; None after printing why they are invalid."""
+    path = flags.pop("config", None)
+    config = None
     try:
-        settings = Settings(**flags)  # type: ignore[arg-type]
+        config = ConfigFile.read(path) if isinstance(path, Path) else None
+        return load_settings(flags, config)
+    except ConfigFileError as error:
+        print(f"extproc: {error}", file=sys.stderr)
     except ValidationError as error:
-        print(f"extproc: {describe_error(error)}", file=sys.stderr)
+        print(f"extproc: {describe_error(error, config)}", file=sys.stderr)
+    return None
+
+
+def _config(args: dict[str, object]) -> int:
+    if args.pop("config_command") == "check":
+        path = args["file"]
+        assert isinstance(path, Path)
+        try:
+            config = ConfigFile.read(path)
+            load_settings({}, config, use_env=False)
+        except ConfigFileError as error:
+            print(f"extproc: {error}", file=sys.stderr)
+            return 2
+        except ValidationError as error:
+            print(f"extproc: {_file_error(error, config)}", file=sys.stderr)
+            return 2
+        print(f"{path}: OK")
+        return 0
+    settings = _settings(args)
+    if settings is None:
+        return 2
+    print(yaml.safe_dump(public_view(settings), sort_keys=False), end="")
+    return 0
+
+
+def _file_error(error: ValidationError, config: ConfigFile) -> str:
+    first = error.errors()[0]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    name = str(first["loc"][0]) if first["loc"] else ""
+    if name in config.lines:
+        return f"{config.path} line {config.lines[name]}: {name.replace('_', '-')}: {message}"
+    return f"{config.path}: {message}"
+
+
+def _serve(flags: dict[str, object]) -> int:
+    settings = _settings(flags)
+    if settings is None:
         return 2
     configure_logging(settings.log_format, settings.log_level)
     try:

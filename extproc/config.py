@@ -1,18 +1,27 @@
-"""Settings for `extproc serve`: one declaration per setting, read from flags and env.
+"""Settings for `extproc serve`: one declaration per setting, read from flags, env and a file.
 
-Each field is a command-line flag (`max_queue` -> `--max-queue`) and an
-environment variable (`EXTPROC_MAX_QUEUE`). Precedence: flags > environment >
-defaults. Validation happens once, at start, and a bad value stops the process
-with one line naming the setting.
+Each field is a command-line flag (`max_queue` -> `--max-queue`), an
+environment variable (`EXTPROC_MAX_QUEUE`) and a key of the YAML file given
+with `--config` (`max-queue:` or `max_queue:`). Precedence: flags >
+environment > file > defaults. Validation happens once, at start, and a bad
+value stops the process with one line naming the setting (and, for a value
+from the file, its line).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from extproc.auth import is_loopback
 from extproc.fair_share import DEFAULT_WEIGHTS
@@ -26,6 +35,59 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"expected HOST:PORT, got {address!r}")
     return host.strip("[]"), int(port)
+
+
+class ConfigFileError(ValueError):
+    """The config file cannot be read as settings; the message names where."""
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    path: Path
+    values: dict[str, object]
+    lines: dict[str, int]
+    """Line (1-based) of each setting in the file."""
+
+    @classmethod
+    def read(cls, path: Path) -> ConfigFile:
+        try:
+            node = yaml.compose(path.read_text())
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigFileError(f"{path}: {error}") from None
+        if node is None:
+            return cls(path, {}, {})
+        if not isinstance(node, yaml.MappingNode):
+            raise ConfigFileError(f"{path}: expected a mapping of settings")
+        values: dict[str, object] = {}
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            name = str(key_node.value).replace("-", "_")
+            line = key_node.start_mark.line + 1
+            if name not in Settings.model_fields:
+                raise ConfigFileError(f"{path} line {line}: unknown setting {key_node.value!r}")
+            values[name] = yaml.safe_load(yaml.serialize(value_node))
+            lines[name] = line
+        return cls(path, values, lines)
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, object]) -> None:
+        super().__init__(settings_cls)
+        self._values = values
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[object, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, object]:
+        return dict(self._values)
+
+
+def public_view(settings: Settings) -> dict[str, object]:
+    """The settings as `config show` prints them: flag spelling, secrets masked."""
+    view: dict[str, object] = {}
+    for name, value in settings.model_dump(mode="json").items():
+        view[name.replace("_", "-")] = "***" if name == "admin_token" and value else value
+    return view
 
 
 class Settings(BaseSettings):
@@ -138,8 +200,30 @@ class Settings(BaseSettings):
         )
 
 
-def describe_error(error: ValidationError) -> str:
-    """One line naming the first bad setting, as the user spelled it on the command line."""
+def load_settings(
+    flags: dict[str, object], config: ConfigFile | None = None, *, use_env: bool = True
+) -> Settings:
+    """Settings from flags, the environment and a config file, in that precedence."""
+    file_values = config.values if config else {}
+
+    class FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            file = _FileSource(settings_cls, file_values)
+            return (init_settings, env_settings, file) if use_env else (init_settings, file)
+
+    return FileSettings(**flags)  # type: ignore[arg-type]
+
+
+def describe_error(error: ValidationError, config: ConfigFile | None = None) -> str:
+    """One line naming the first bad setting as the user spelled it, and where it came from."""
     first = error.errors()[0]
     message = str(first["msg"]).removeprefix("Value error, ")
     if not first["loc"]:
@@ -148,4 +232,7 @@ def describe_error(error: ValidationError) -> str:
     flag = "--" + name.replace("_", "-")
     value = first.get("input")
     shown = "" if isinstance(value, dict) or name == "admin_token" else f"={value}"
-    return f"invalid setting {flag}{shown} (env {ENV_PREFIX}{name.upper()}): {message}"
+    where = f"env {ENV_PREFIX}{name.upper()}"
+    if config is not None and name in config.lines:
+        where += f", or {config.path} line {config.lines[name]}"
+    return f"invalid setting {flag}{shown} ({where}): {message}"
