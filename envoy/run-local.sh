@@ -35,6 +35,11 @@ workload-extproc is running behind Envoy. Try:
   for i in $(seq 8); do curl -s -o /dev/null -w "%{http_code}\n" -H "x-workload-context: {\"workload_id\": \"team-$((i % 2))\"}" http://127.0.0.1:10000/ & done
 
   curl -s http://127.0.0.1:9003/v1/workloads      # what the registry knows
+  curl -s http://127.0.0.1:9003/metrics           # Prometheus metrics
+
+Watch every workload live, in another terminal:
+
+  .venv/bin/extproc top
 
 Ctrl-C stops the backend, the service and Envoy.
 MSG

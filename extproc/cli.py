@@ -1,4 +1,5 @@
-"""The `extproc` command: `serve` the service, `simulate` a scenario, run the `demo-backend`."""
+"""The `extproc` command: `serve`, watch it with `top`, check its `config`, `simulate` a
+scenario, run the `demo-backend`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +18,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from extproc import __version__
+from extproc import __version__, top
 from extproc.app import run
 from extproc.config import (
     ConfigFile,
@@ -44,6 +46,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _simulate(args)
     if command == "config":
         return _config(args)
+    if command == "top":
+        return top.run(
+            str(args["address"]),
+            sort=args["sort"],
+            limit=args["limit"],
+            interval=args["interval"],
+            once=args["once"],
+            token=os.environ.get("EXTPROC_ADMIN_TOKEN"),
+        )
     return _demo_backend(args)
 
 
@@ -67,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_setting_flags(show)
     check = config_commands.add_parser("check", help="validate a config file")
     check.add_argument("file", type=Path)
+
+    live = commands.add_parser("top", help="live view of every workload")
+    live.add_argument("--address", default="127.0.0.1:9002", help="the service's gRPC address")
+    live.add_argument("--sort", choices=sorted(top.COLUMNS), default="rate")
+    live.add_argument("--limit", type=int, default=30, help="rows shown")
+    live.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
+    live.add_argument("--once", action="store_true", help="print one frame and exit")
 
     simulate = commands.add_parser(
         "simulate",

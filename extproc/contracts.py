@@ -69,6 +69,10 @@ class WorkloadRegistry(Protocol):
 
     def list_metrics(self) -> list[WorkloadMetrics]: ...
 
+    def recent_waits(self) -> dict[str, list[float]]:
+        """Queue waits of the most recent dispatches, by workload."""
+        ...
+
     def sweep(self) -> list[str]:
         """Forget idle workloads; returns the ids forgotten."""
         ...

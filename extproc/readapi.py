@@ -14,6 +14,7 @@ from extproc.api.v1 import registry_pb2 as pb
 from extproc.api.v1 import registry_pb2_grpc as pb_grpc
 from extproc.auth import BearerToken
 from extproc.contracts import Datastore, WorkloadMetrics
+from extproc.fairness import percentile
 from extproc.queue import FlowController
 
 DEFAULT_WATCH_INTERVAL = 1.0
@@ -26,6 +27,7 @@ class WorkloadStatus:
 
     metrics: WorkloadMetrics
     queued_requests: int
+    recent_p99_wait: float = 0.0
 
     def as_json(self) -> dict[str, object]:
         m = self.metrics
@@ -37,6 +39,7 @@ class WorkloadStatus:
             "dispatched_count": m.dispatched_count,
             "average_wait_time_seconds": m.average_wait_time,
             "request_rate": m.request_rate,
+            "recent_p99_wait_seconds": self.recent_p99_wait,
         }
 
     def as_proto(self) -> pb.Workload:
@@ -52,11 +55,17 @@ class WorkloadReader:
         metrics = self._registry.get_metrics(workload_id)
         if metrics is None:
             return None
-        return WorkloadStatus(metrics, self.flow.queued_for(workload_id))
+        waits = self._registry.recent_waits().get(workload_id, [])
+        return WorkloadStatus(metrics, self.flow.queued_for(workload_id), percentile(waits, 99))
 
     def list(self) -> list[WorkloadStatus]:
+        waits = self._registry.recent_waits()
         return [
-            WorkloadStatus(m, self.flow.queued_for(m.workload_id))
+            WorkloadStatus(
+                m,
+                self.flow.queued_for(m.workload_id),
+                percentile(waits.get(m.workload_id, []), 99),
+            )
             for m in self._registry.list_metrics()
         ]
 

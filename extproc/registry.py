@@ -18,16 +18,20 @@ workload:
 - average_wait_time: EMA with factor alpha of enqueue-to-dispatch time; the
   first dispatch seeds it.
 - request_rate: `SlidingWindowRate` over `rate_window` seconds.
+Across workloads, the waits of the latest RECENT_WAITS dispatches are kept
+(constant memory) for the read API's recent p99.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 
 from extproc.contracts import Clock, RegistryFull, WorkloadMetrics
 from extproc.rate import SlidingWindowRate
 
 OVERFLOW_WORKLOAD = "overflow"
+RECENT_WAITS = 10_000
 
 
 class _Workload:
@@ -61,6 +65,7 @@ class InMemoryWorkloadRegistry:
         self.idle_ttl = idle_ttl
         self._lock = threading.Lock()
         self._workloads: dict[str, _Workload] = {}
+        self._recent: deque[tuple[str, float]] = deque(maxlen=RECENT_WAITS)
 
     def increment_active(self, workload_id: str) -> None:
         now = self._clock.now()
@@ -110,6 +115,16 @@ class InMemoryWorkloadRegistry:
             else:
                 workload.average_wait += self._alpha * (wait_time - workload.average_wait)
             workload.dispatched += 1
+            self._recent.append((workload_id, wait_time))
+
+    def recent_waits(self) -> dict[str, list[float]]:
+        """The waits of the latest dispatches (at most RECENT_WAITS), by workload."""
+        with self._lock:
+            recent = list(self._recent)
+        by_workload: dict[str, list[float]] = {}
+        for workload_id, wait in recent:
+            by_workload.setdefault(workload_id, []).append(wait)
+        return by_workload
 
     def get_metrics(self, workload_id: str) -> WorkloadMetrics | None:
         now = self._clock.now()

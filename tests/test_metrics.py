@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -13,6 +16,8 @@ from extproc.app import Service
 
 from .conftest import StartService
 from .support.extproc_client import request_headers, response_trailers, workload_headers
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 async def scrape(service: Service) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -107,3 +112,28 @@ async def test_metric_names_follow_prometheus_conventions(start_service: StartSe
             assert f"{family.name}_total" in text  # ... from the exposed name
         if "seconds" in family.name and not family.name.endswith("_created"):
             assert family.name.endswith("_seconds")
+
+
+async def test_every_metric_the_grafana_dashboard_queries_exists(
+    start_service: StartService,
+) -> None:
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "workload-extproc.json").read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\bextproc_[a-z_]+", target["expr"])
+    }
+    assert len(queried) >= 10
+    service = await start_service(max_concurrency=1)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        running, _ = await exchange(channel, workload_headers("a"), complete=False)
+        waiting = pb_grpc.ExternalProcessorStub(channel).Process()
+        await waiting.write(workload_headers("b"))
+        await waiting.read()
+        await exchange(channel, request_headers({"x-workload-context": "bad"}))
+        await running.write(response_trailers())
+        await running.read()
+        await waiting.read()
+    exposed = {name for name, _ in await scrape(service)}
+    assert queried <= exposed, queried - exposed

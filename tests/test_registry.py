@@ -7,7 +7,7 @@ import pytest
 from extproc.clock import VirtualClock
 from extproc.contracts import RegistryFull
 from extproc.datastore import RegistryDatastore
-from extproc.registry import OVERFLOW_WORKLOAD, InMemoryWorkloadRegistry
+from extproc.registry import OVERFLOW_WORKLOAD, RECENT_WAITS, InMemoryWorkloadRegistry
 
 
 @pytest.fixture
@@ -156,3 +156,13 @@ def test_full_registry_refuses_new_workloads_but_not_overflow(clock: VirtualCloc
     registry.increment_active(OVERFLOW_WORKLOAD)
     assert len(registry) == 3
     assert registry.get_metrics("c") is None
+
+
+def test_recent_waits_are_bounded_and_grouped(registry: InMemoryWorkloadRegistry) -> None:
+    registry.increment_active("a")
+    registry.increment_active("b")
+    for i in range(RECENT_WAITS + 50):
+        registry.record_dispatch("a" if i % 2 else "b", float(i))
+    recent = registry.recent_waits()
+    assert len(recent["a"]) + len(recent["b"]) == RECENT_WAITS
+    assert min(recent["b"]) == 50.0  # the oldest fell out

@@ -317,6 +317,7 @@ async def test_admin_http_api(start_service: StartService, channel_to: Any) -> N
             "dispatched_count": 1,
             "average_wait_time_seconds": 0.0,
             "request_rate": pytest.approx(1.0),
+            "recent_p99_wait_seconds": 0.0,
         }
         async with http.get(f"{base}/v1/workloads/team%2Fa") as reply:
             assert (await reply.json())["workload_id"] == "team/a"

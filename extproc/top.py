@@ -1,0 +1,117 @@
+"""`extproc top`: a live terminal view of every workload, fed by `WatchWorkloads`.
+
+One row per workload -- request rate, active, queued, in flight, dispatched,
+average and recent p99 queue wait, share of capacity -- sorted by `--sort`,
+under a header with the totals and a sparkline of the queue's depth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import duration_pb2
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from extproc.api.v1 import registry_pb2 as pb
+from extproc.api.v1 import registry_pb2_grpc as pb_grpc
+
+SPARK = "▁▂▃▄▅▆▇█"
+HISTORY = 60
+
+
+@dataclass(frozen=True)
+class Column:
+    title: str
+    value: Callable[[pb.Workload, pb.WorkloadSnapshot], float]
+    text: Callable[[float], str]
+
+
+def _in_flight(w: pb.Workload, _: pb.WorkloadSnapshot) -> float:
+    return float(w.active_requests - w.queued_requests)
+
+
+def _share(w: pb.Workload, snapshot: pb.WorkloadSnapshot) -> float:
+    capacity = snapshot.max_concurrency or snapshot.in_flight
+    return _in_flight(w, snapshot) / capacity if capacity else 0.0
+
+
+COLUMNS: dict[str, Column] = {
+    "rate": Column("req/s", lambda w, _: w.request_rate, lambda v: f"{v:.2f}"),
+    "active": Column("active", lambda w, _: w.active_requests, lambda v: f"{v:.0f}"),
+    "queued": Column("queued", lambda w, _: w.queued_requests, lambda v: f"{v:.0f}"),
+    "in-flight": Column("in flight", _in_flight, lambda v: f"{v:.0f}"),
+    "dispatched": Column("dispatched", lambda w, _: w.dispatched_count, lambda v: f"{v:.0f}"),
+    "wait": Column("avg wait", lambda w, _: w.average_wait_time_seconds, lambda v: f"{v:.3f}s"),
+    "p99": Column("p99 wait", lambda w, _: w.recent_p99_wait_seconds, lambda v: f"{v:.3f}s"),
+    "share": Column("capacity", _share, lambda v: f"{v:.0%}"),
+}
+
+
+def sparkline(values: list[int]) -> str:
+    top = max(values, default=0)
+    if top == 0:
+        return SPARK[0] * len(values)
+    return "".join(SPARK[round(v / top * (len(SPARK) - 1))] for v in values)
+
+
+def render(snapshot: pb.WorkloadSnapshot, depths: list[int], sort: str, limit: int) -> Group:
+    limit_text = snapshot.max_concurrency or "unlimited"
+    header = Text.assemble(
+        ("workload-extproc  ", "bold"),
+        f"in flight {snapshot.in_flight}/{limit_text}   queued {snapshot.queued}   "
+        f"workloads {len(snapshot.workloads)}   queue ",
+        (sparkline(depths), "cyan"),
+    )
+    table = Table(expand=True)
+    table.add_column("workload", overflow="ellipsis", max_width=32)
+    for key, column in COLUMNS.items():
+        table.add_column(column.title + (" ▼" if key == sort else ""), justify="right")
+    rows = sorted(snapshot.workloads, key=lambda w: COLUMNS[sort].value(w, snapshot), reverse=True)
+    for workload in rows[:limit]:
+        cells = [c.text(c.value(workload, snapshot)) for c in COLUMNS.values()]
+        table.add_row(workload.workload_id, *cells)
+    if len(rows) > limit:
+        table.caption = f"{len(rows) - limit} more workloads not shown (--limit)"
+    return Group(header, table)
+
+
+async def watch(
+    address: str, *, sort: str, limit: int, interval: float, once: bool, token: str | None
+) -> None:
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    request = pb.WatchWorkloadsRequest(
+        interval=duration_pb2.Duration(seconds=int(interval), nanos=int(interval % 1 * 1e9))
+    )
+    depths: deque[int] = deque(maxlen=HISTORY)
+    console = Console()
+    async with grpc.aio.insecure_channel(address) as channel:
+        stream = pb_grpc.WorkloadRegistryStub(channel).WatchWorkloads(request, metadata=metadata)
+        if once:
+            snapshot = await stream.read()
+            assert isinstance(snapshot, pb.WorkloadSnapshot)
+            depths.append(snapshot.queued)
+            console.print(render(snapshot, list(depths), sort, limit))
+            stream.cancel()
+            return
+        with Live(console=console, auto_refresh=False, screen=False) as live:
+            async for snapshot in stream:
+                depths.append(snapshot.queued)
+                live.update(render(snapshot, list(depths), sort, limit), refresh=True)
+
+
+def run(address: str, **options: object) -> int:
+    try:
+        asyncio.run(watch(address, **options))  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        return 0
+    except grpc.aio.AioRpcError as error:
+        Console(stderr=True).print(f"extproc top: {address}: {error.details()}")
+        return 1
+    return 0
