@@ -103,7 +103,10 @@ async def test_churn_leaves_every_count_at_zero_and_memory_flat() -> None:
             watch.cancel()
         assert (snapshot.in_flight, snapshot.queued) == (0, 0)
         assert len(snapshot.workloads) == 20
-        assert sum(w.total_requests for w in snapshot.workloads) >= sum(outcomes.values())
+        # A client that gives up early may do so before Envoy opened its ext_proc
+        # stream; every answered request (and every one left mid-response) was seen.
+        seen = sum(outcomes[k] for k in ("200", "429", "503", "leave-mid-response"))
+        assert sum(w.total_requests for w in snapshot.workloads) >= seen
         # Every exit was exercised.
         for seen in ("200", "429", "503", "leave-while-queued", "leave-mid-response"):
             assert outcomes[seen] > 0, (seen, outcomes)

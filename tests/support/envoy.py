@@ -48,9 +48,10 @@ def ext_proc_filter(config: dict[str, Any]) -> dict[str, Any]:
 
 
 class Envoy:
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], concurrency: int = 2) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="envoy-test-"))
         self._config = config
+        self._concurrency = concurrency
         self._process: asyncio.subprocess.Process | None = None
         self.admin_port = 0
         self.port = 0
@@ -66,7 +67,7 @@ class Envoy:
         with (self._dir / "envoy.log").open("wb") as log:
             self._process = await asyncio.create_subprocess_exec(
                 envoy_binary(), "-c", str(config_path), "--disable-hot-restart",
-                "--concurrency", "2", "--log-level", "warning",
+                "--concurrency", str(self._concurrency), "--log-level", "warning",
                 "--admin-address-path", str(admin_path),
                 stdout=log, stderr=log, env={**os.environ},
             )  # fmt: skip
@@ -90,6 +91,11 @@ class Envoy:
                 listeners = await reply.json()
         address = listeners["listener_statuses"][0]["local_address"]["socket_address"]
         self.port = int(address["port_value"])
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
 
     def admin_url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.admin_port}{path}"

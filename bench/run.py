@@ -1,0 +1,242 @@
+"""`make bench`: what workload-extproc costs on the request path, next to the bare minimum.
+
+One run, one machine, one Envoy build and the same processing modes:
+  (a) Envoy alone (no ext_proc filter);
+  (b) Envoy + a do-nothing grpc.aio processor (bench/null_processor.py);
+  (c) Envoy + workload-extproc, capacity unlimited, 20 workloads;
+  (d) the same with --max-concurrency 4, so requests queue.
+The backend is a second Envoy answering with `direct_response`, so it is never
+the bottleneck. For each: requests/s at saturation (wrk, 64 connections),
+p50/p99 latency at 25% of (b)'s saturation rate (wrk paced per connection), and
+the processor's CPU-seconds per 1,000 requests. Each measurement is repeated
+and the median reported. Writes bench/results.json and bench/results.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.envoy import Envoy, bundled_config  # noqa: E402
+from tests.support.process import free_port  # noqa: E402
+
+SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
+REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
+LUA = ROOT / "bench" / "workloads.lua"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    name: str
+    saturation_rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_seconds_per_1000: float | None
+
+
+def backend_config(port: int) -> dict[str, Any]:
+    manager = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "backend",
+        "route_config": {
+            "virtual_hosts": [
+                {
+                    "name": "ok",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}],
+                }
+            ]
+        },
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "backend",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                    "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}],
+                }
+            ]
+        },
+    }
+
+
+def proxy_config(processor_port: int, backend_port: int, with_ext_proc: bool) -> dict[str, Any]:
+    config = bundled_config(processor_port, backend_port)
+    if not with_ext_proc:
+        manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        filters = manager["typed_config"]["http_filters"]
+        manager["typed_config"]["http_filters"] = [f for f in filters if "ext_proc" not in f["name"]]
+    return config
+
+
+@asynccontextmanager
+async def processor(command: list[str] | None) -> AsyncIterator[tuple[int, int | None]]:
+    """Start the processor; yields (port, pid)."""
+    port = free_port()
+    if command is None:
+        yield port, None
+        return
+    process = await asyncio.create_subprocess_exec(
+        *[c.replace("{address}", f"127.0.0.1:{port}") for c in command],
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    await wait_for_port(port)
+    try:
+        yield port, process.pid
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def wait_for_port(port: int) -> None:
+    for _ in range(300):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def wrk(url: str, connections: int, delay_ms: float = 0.0) -> dict[str, float]:
+    env = {**os.environ, "WRK_DELAY_MS": f"{delay_ms:.3f}"}
+    threads = min(2, connections)
+    output = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{SECONDS}s", "--latency", "-s", str(LUA), url],
+        capture_output=True, text=True, env=env, check=True,
+    ).stdout  # fmt: skip
+    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))}  # type: ignore[union-attr]
+    result["requests"] = float(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+    for percent in ("50", "99"):
+        value, unit = re.search(rf"\s{percent}%\s+([\d.]+)(us|ms|s)", output).groups()  # type: ignore[union-attr]
+        result[f"p{percent}"] = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    result["errors"] = float(errors.group(1)) if errors else 0.0
+    return result
+
+
+async def measure(name: str, command: list[str] | None, with_ext_proc: bool, paced_rps: float | None) -> tuple[Measurement, float]:
+    backend_port = free_port()
+    backend = Envoy(backend_config(backend_port), concurrency=1)
+    await backend.start()
+    try:
+        async with processor(command) as (port, pid):
+            proxy = Envoy(proxy_config(port, backend_port, with_ext_proc), concurrency=1)
+            await proxy.start()
+            url = f"http://127.0.0.1:{proxy.port}/"
+            try:
+                wrk(url, 16)  # warm up
+                before = cpu_seconds(pid)
+                loop = asyncio.get_running_loop()
+                saturated = await loop.run_in_executor(None, wrk, url, 64)
+                cpu = cpu_seconds(pid) - before
+                target = paced_rps or saturated["rps"] * 0.25
+                connections = 10
+                delay = max(connections * 1000 / target - 1.0, 0.0)
+                paced = await loop.run_in_executor(None, wrk, url, connections, delay)
+            finally:
+                await proxy.stop()
+    finally:
+        await backend.stop()
+    per_1000 = cpu / saturated["requests"] * 1000 if pid else None
+    measurement = Measurement(name, saturated["rps"], paced["p50"], paced["p99"], per_1000)
+    return measurement, saturated["errors"]
+
+
+def median(runs: list[Measurement]) -> Measurement:
+    cpu = [r.cpu_seconds_per_1000 for r in runs if r.cpu_seconds_per_1000 is not None]
+    return Measurement(
+        runs[0].name,
+        statistics.median(r.saturation_rps for r in runs),
+        statistics.median(r.p50_ms for r in runs),
+        statistics.median(r.p99_ms for r in runs),
+        statistics.median(cpu) if cpu else None,
+    )
+
+
+async def main() -> int:
+    python = sys.executable
+    extproc = [python, "-m", "extproc", "serve", "--listen", "{address}", "--admin-listen", "127.0.0.1:0", "--log-format", "json"]
+    configs = {
+        "a": ("(a) Envoy alone", None, False),
+        "b": ("(b) Envoy + null processor", [python, str(ROOT / "bench" / "null_processor.py"), "{address}"], True),
+        "c": ("(c) Envoy + workload-extproc", extproc, True),
+        "d": ("(d) workload-extproc, --max-concurrency 4", [*extproc, "--max-concurrency", "4"], True),
+    }
+    runs: dict[str, list[Measurement]] = {key: [] for key in configs}
+    paced_rps: float | None = None
+    for repeat in range(REPEATS):
+        for key, (name, command, with_ext_proc) in configs.items():
+            measurement, errors = await measure(name, command, with_ext_proc, paced_rps)
+            if key == "b" and paced_rps is None:
+                paced_rps = measurement.saturation_rps * 0.25
+            runs[key].append(measurement)
+            print(f"run {repeat + 1}: {measurement} non-2xx={errors:.0f}", flush=True)
+    results = {key: median(r) for key, r in runs.items()}
+    a, b, c, d = (results[k] for k in "abcd")
+    summary = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "python": platform.python_version(),
+        "seconds_per_measurement": SECONDS,
+        "repeats": REPEATS,
+        "paced_rps": paced_rps,
+        "results": {k: asdict(v) for k, v in results.items()},
+        "c_over_b_rps": c.saturation_rps / b.saturation_rps,
+        "c_minus_a_p50_ms": c.p50_ms - a.p50_ms,
+        "d_rps": d.saturation_rps,
+    }
+    (ROOT / "bench" / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = render(summary, results)
+    (ROOT / "bench" / "results.md").write_text(table)
+    print(table)
+    return 0
+
+
+def render(summary: dict[str, Any], results: dict[str, Measurement]) -> str:
+    lines = [
+        f"Machine: {summary['machine']}; Python {summary['python']}; median of {summary['repeats']} runs of "
+        f"{summary['seconds_per_measurement']} s; latency at {summary['paced_rps']:.0f} req/s (25% of (b)).",
+        "",
+        "| setup | req/s at saturation | p50 ms | p99 ms | processor CPU-s per 1,000 req |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for m in results.values():
+        cpu = f"{m.cpu_seconds_per_1000:.3f}" if m.cpu_seconds_per_1000 is not None else "-"
+        lines.append(f"| {m.name} | {m.saturation_rps:,.0f} | {m.p50_ms:.2f} | {m.p99_ms:.2f} | {cpu} |")
+    lines += [
+        "",
+        f"(c) reaches {summary['c_over_b_rps']:.0%} of (b)'s requests/s; its p50 is "
+        f"{summary['c_minus_a_p50_ms']:+.2f} ms from (a)'s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
