@@ -39,7 +39,7 @@ from extproc.context import ContextParser
 from extproc.contracts import Clock
 from extproc.datastore import RegistryDatastore
 from extproc.metrics import Metrics
-from extproc.policy import make_policy
+from extproc.policies import make_policy
 from extproc.queue import FlowController
 from extproc.readapi import WorkloadReader, WorkloadRegistryService
 from extproc.registry import InMemoryWorkloadRegistry

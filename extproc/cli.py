@@ -31,7 +31,7 @@ from extproc.config import (
 )
 from extproc.demo_backend import make_demo_app
 from extproc.log import configure_logging
-from extproc.policy import POLICIES
+from extproc.policies import POLICIES
 from extproc.simulate import Scenario, SimResult
 from extproc.simulate import run as run_scenario
 

@@ -25,7 +25,8 @@ from pydantic_settings import (
 
 from extproc.auth import is_loopback
 from extproc.fair_share import DEFAULT_WEIGHTS
-from extproc.policy import POLICIES, PolicyOptions, ScoreWeights
+from extproc.policies import POLICIES, PolicyOptions
+from extproc.policy import ScoreWeights
 
 ENV_PREFIX = "EXTPROC_"
 

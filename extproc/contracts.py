@@ -117,9 +117,17 @@ class Policy(Protocol):
     """
 
     name: str
+    stable_keys: bool
+    """True when an item's `sort_key` changes only after a hook about its workload;
+    the queue can then keep heads in a heap. False: keys move with time, and the
+    queue compares every head at every dispatch."""
 
     def less(self, a: QueuedRequest, b: QueuedRequest) -> bool:
-        """True when `a` should be dispatched before `b`."""
+        """True when `a` should be dispatched before `b`: `sort_key(a) < sort_key(b)`."""
+        ...
+
+    def sort_key(self, item: QueuedRequest) -> tuple[float, ...]:
+        """The item's place in line as of now; lower goes first, ties cannot happen."""
         ...
 
     def on_enqueue(self, item: QueuedRequest) -> None: ...

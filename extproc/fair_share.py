@@ -44,14 +44,16 @@ from collections.abc import Sequence
 from typing import Literal
 
 from extproc.contracts import QueuedRequest
+from extproc.policy import KeyedPolicy
 
 Cost = Literal["requests", "occupancy"]
 DEFAULT_WEIGHTS: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0)
 _ESTIMATE_ALPHA = 0.2
 
 
-class FairSharePolicy:
+class FairSharePolicy(KeyedPolicy):
     name = "fair-share"
+    stable_keys = True  # a counter moves only in the hooks about its workload
 
     def __init__(
         self, cost: Cost = "occupancy", criticality_weights: Sequence[float] = DEFAULT_WEIGHTS
@@ -71,13 +73,8 @@ class FairSharePolicy:
     def counter(self, workload_id: str) -> float:
         return self._counters.get(workload_id, self._floor())
 
-    def less(self, a: QueuedRequest, b: QueuedRequest) -> bool:
-        counter_a, counter_b = self._counters[a.workload_id], self._counters[b.workload_id]
-        if counter_a != counter_b:
-            return counter_a < counter_b
-        if a.criticality != b.criticality:
-            return a.criticality > b.criticality
-        return a.seq < b.seq
+    def sort_key(self, item: QueuedRequest) -> tuple[float, ...]:
+        return (self._counters[item.workload_id], -item.criticality, item.seq)
 
     def on_enqueue(self, item: QueuedRequest) -> None:
         workload = item.workload_id

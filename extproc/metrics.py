@@ -17,6 +17,7 @@ At scrape time (read from the queue and the registry, no request-path cost):
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -58,13 +59,23 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_StateCollector(reader, top_workloads))
+        self._children: dict[str, tuple[Any, Any, Any]] = {}
 
     def record(self, outcome: str, queue_wait: float | None, rejected: bool) -> None:
-        self.requests.labels(outcome).inc()
-        if rejected:
-            self.rejections.labels(outcome).inc()
+        # Labelled children are looked up once per outcome, not once per request.
+        children = self._children.get(outcome)
+        if children is None:
+            children = self._children[outcome] = (
+                self.requests.labels(outcome),
+                self.rejections.labels(outcome) if rejected else None,
+                self.queue_wait.labels(outcome),
+            )
+        requests, rejections, queue_wait_histogram = children
+        requests.inc()
+        if rejections is not None:
+            rejections.inc()
         if queue_wait is not None:
-            self.queue_wait.labels(outcome).observe(queue_wait)
+            queue_wait_histogram.observe(queue_wait)
 
 
 class _StateCollector(Collector):

@@ -6,6 +6,7 @@ metrics as they are now; no policy's order is ever frozen into a heap key.
 
 - `fcfs`: arrival order across all workloads. The baseline.
 - `fair-share`: weighted fair queuing over workloads (`fair_share.py`).
+`policies.py` names them all.
 - `workload-aware` (the seed's score), higher first, arrival order on ties::
 
       score = w_wait * min(wait / wait_saturation, 1)
@@ -23,15 +24,24 @@ metrics as they are now; no policy's order is ever frozen into a heap key.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from extproc.context import MAX_CRITICALITY
-from extproc.contracts import Clock, Datastore, Policy, QueuedRequest
-from extproc.fair_share import DEFAULT_WEIGHTS, Cost, FairSharePolicy
+from extproc.contracts import Clock, Datastore, QueuedRequest
 
 
-class StatelessPolicy:
+class KeyedPolicy(ABC):
+    """`less` defined by `sort_key`, so the two can never disagree."""
+
+    @abstractmethod
+    def sort_key(self, item: QueuedRequest) -> tuple[float, ...]: ...
+
+    def less(self, a: QueuedRequest, b: QueuedRequest) -> bool:
+        return self.sort_key(a) < self.sort_key(b)
+
+
+class StatelessPolicy(KeyedPolicy):
     """A policy that orders by what it reads at decision time and keeps no accounts."""
 
     def on_enqueue(self, item: QueuedRequest) -> None:
@@ -49,9 +59,10 @@ class StatelessPolicy:
 
 class FcfsPolicy(StatelessPolicy):
     name = "fcfs"
+    stable_keys = True
 
-    def less(self, a: QueuedRequest, b: QueuedRequest) -> bool:
-        return a.seq < b.seq
+    def sort_key(self, item: QueuedRequest) -> tuple[float, ...]:
+        return (item.seq,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +78,7 @@ class ScoreWeights:
 
 class WorkloadAwarePolicy(StatelessPolicy):
     name = "workload-aware"
+    stable_keys = False  # the head's own wait and the rate move with time
 
     def __init__(
         self, datastore: Datastore, clock: Clock, weights: ScoreWeights | None = None
@@ -75,11 +87,8 @@ class WorkloadAwarePolicy(StatelessPolicy):
         self._clock = clock
         self._weights = weights or ScoreWeights()
 
-    def less(self, a: QueuedRequest, b: QueuedRequest) -> bool:
-        score_a, score_b = self.score(a), self.score(b)
-        if score_a != score_b:
-            return score_a > score_b
-        return a.seq < b.seq
+    def sort_key(self, item: QueuedRequest) -> tuple[float, ...]:
+        return (-self.score(item), item.seq)
 
     def score(self, item: QueuedRequest) -> float:
         w = self._weights
@@ -92,36 +101,3 @@ class WorkloadAwarePolicy(StatelessPolicy):
             + w.criticality * item.criticality / MAX_CRITICALITY
             - w.rate * min(rate / w.rate_saturation, 1.0)
         )
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyOptions:
-    score: ScoreWeights = ScoreWeights()
-    """workload-aware's weights."""
-    cost: Cost = "occupancy"
-    """fair-share's unit of service."""
-    criticality_weights: tuple[float, ...] = DEFAULT_WEIGHTS
-    """fair-share's weight for criticality 1..5."""
-
-
-PolicyFactory = Callable[[Datastore, Clock, PolicyOptions], Policy]
-
-POLICIES: dict[str, PolicyFactory] = {
-    FcfsPolicy.name: lambda _datastore, _clock, _options: FcfsPolicy(),
-    WorkloadAwarePolicy.name: lambda datastore, clock, options: WorkloadAwarePolicy(
-        datastore, clock, options.score
-    ),
-    FairSharePolicy.name: lambda _datastore, _clock, options: FairSharePolicy(
-        options.cost, options.criticality_weights
-    ),
-}
-
-
-def make_policy(
-    name: str, datastore: Datastore, clock: Clock, options: PolicyOptions | None = None
-) -> Policy:
-    try:
-        factory = POLICIES[name]
-    except KeyError:
-        raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}") from None
-    return factory(datastore, clock, options or PolicyOptions())

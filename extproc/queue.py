@@ -2,9 +2,16 @@
 
 Algorithm
 - Requests are grouped into flows, one per (workload id, criticality); each
-  flow is a FIFO. At every dispatch the policy's `less` compares the heads of
-  all non-empty flows and the winner is released. Scores therefore come from
-  the metrics of that instant, never from keys stored at enqueue time.
+  flow is a FIFO, and only flow heads compete. The winner of each dispatch is
+  the head with the lowest `policy.sort_key` at that instant:
+  - for policies with stable keys (a key changes only in a hook about its
+    workload: fcfs, fair-share) heads sit in a heap, and every hook or change
+    of head re-keys the (at most five) flows of that workload: O(log F) per
+    decision, F = non-empty flows. Superseded heap entries carry an old
+    version and are dropped when they surface;
+  - for policies whose keys move with time (workload-aware), every head is
+    keyed afresh at every decision: O(F), exact.
+  Either way no order is ever read from keys stored at enqueue time.
 - Capacity is a limit C on requests in flight (released, not yet completed);
   C = 0 means unlimited. A request is released the moment it is enqueued if a
   slot is free, and each completion releases the next one synchronously: no
@@ -30,6 +37,7 @@ only the policy's metric reads reach across threads (through the registry).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import time
 from collections import OrderedDict
@@ -136,6 +144,11 @@ class FlowController:
         self.on_pick = on_pick
         """Observer of the seconds each dispatch decision took (wall clock, not `clock`)."""
         self._flows: dict[FlowKey, OrderedDict[int, Ticket]] = {}
+        self._criticalities: dict[str, set[int]] = {}
+        """The criticalities of each workload's non-empty flows."""
+        self._heap: list[tuple[tuple[float, ...], int, FlowKey]] = []
+        self._versions: dict[FlowKey, int] = {}
+        self._version = itertools.count()
         self._queued_by_workload: dict[str, int] = {}
         self._queued = 0
         self._in_flight = 0
@@ -216,9 +229,11 @@ class FlowController:
         flow = self._flows.get(key)
         if flow is None:
             flow = self._flows[key] = OrderedDict()
+            self._criticalities.setdefault(request.workload_id, set()).add(request.criticality)
         flow[request.seq] = ticket
         self._queued += 1
         self._queued_by_workload[request.workload_id] = self.queued_for(request.workload_id) + 1
+        self._rekey(request.workload_id)
         if self.queue_timeout is not None:
             ticket._timer = self._clock.call_later(
                 self.queue_timeout, lambda: self._evict(ticket, Outcome.EVICTED_QUEUE_TIMEOUT)
@@ -231,6 +246,11 @@ class FlowController:
         del flow[request.seq]
         if not flow:
             del self._flows[key]
+            self._versions.pop(key, None)
+            criticalities = self._criticalities[request.workload_id]
+            criticalities.discard(request.criticality)
+            if not criticalities:
+                del self._criticalities[request.workload_id]
         self._queued -= 1
         left = self._queued_by_workload[request.workload_id] - 1
         if left:
@@ -250,6 +270,7 @@ class FlowController:
         self._in_flight -= 1
         dispatched_at = ticket.request.enqueued_at + ticket.wait_time
         self._policy.on_done(ticket.request, self._clock.now() - dispatched_at)
+        self._rekey(ticket.request.workload_id)
         self._dispatch_ready()
         if self._waiters:
             self._notify()
@@ -264,20 +285,40 @@ class FlowController:
                 self.on_pick(time.perf_counter() - started)
             self._remove(ticket)
             self._take_slot(ticket, self._clock.now())
+            self._rekey(ticket.request.workload_id)
 
     def _pick(self) -> Ticket:
-        flows = iter(self._flows.values())
-        best = next(iter(next(flows).values()))
-        for flow in flows:
-            head = next(iter(flow.values()))
-            if self._policy.less(head.request, best.request):
-                best = head
-        return best
+        if not self._policy.stable_keys:
+            heads = (next(iter(flow.values())) for flow in self._flows.values())
+            return min(heads, key=lambda head: self._policy.sort_key(head.request))
+        while True:
+            _, version, key = self._heap[0]
+            if self._versions.get(key) == version:
+                return next(iter(self._flows[key].values()))
+            heapq.heappop(self._heap)
+
+    def _rekey(self, workload_id: str) -> None:
+        """Re-enter this workload's flow heads in the heap at their current keys."""
+        if not self._policy.stable_keys:
+            return
+        for criticality in self._criticalities.get(workload_id, ()):
+            key = (workload_id, criticality)
+            head = next(iter(self._flows[key].values()))
+            version = self._versions[key] = next(self._version)
+            heapq.heappush(self._heap, (self._policy.sort_key(head.request), version, key))
+        if len(self._heap) > 4 * len(self._flows) + 64:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop superseded entries, so the heap stays proportional to the flows."""
+        self._heap = [e for e in self._heap if self._versions.get(e[2]) == e[1]]
+        heapq.heapify(self._heap)
 
     def _evict(self, ticket: Ticket, outcome: Outcome) -> None:
         if ticket.outcome is None:
             self._remove(ticket)
             self._policy.on_done(ticket.request, None)
+            self._rekey(ticket.request.workload_id)
             ticket._decide(outcome, self._clock.now())
             if self._waiters:
                 self._notify()

@@ -33,7 +33,7 @@ from extproc.datastore import RegistryDatastore
 from extproc.fair_share import DEFAULT_WEIGHTS, Cost
 from extproc.fairness import jain_index, max_min_fair, percentile
 from extproc.outcomes import Outcome
-from extproc.policy import PolicyOptions, make_policy
+from extproc.policies import PolicyOptions, make_policy
 from extproc.queue import FlowController, FlowRequest, Ticket
 from extproc.registry import InMemoryWorkloadRegistry
 

@@ -9,7 +9,8 @@ from extproc.clock import VirtualClock
 from extproc.contracts import Policy, QueuedRequest
 from extproc.datastore import RegistryDatastore
 from extproc.outcomes import Outcome
-from extproc.policy import POLICIES, ScoreWeights, WorkloadAwarePolicy, make_policy
+from extproc.policies import POLICIES, make_policy
+from extproc.policy import ScoreWeights, WorkloadAwarePolicy
 from extproc.registry import InMemoryWorkloadRegistry
 from extproc.simulate import Request, replay
 
@@ -65,6 +66,16 @@ def test_less_is_a_strict_weak_order(policy_name: str, seed: int) -> None:
                 for c in items:
                     if policy.less(b, c):
                         assert policy.less(a, c)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_less_agrees_with_sort_key(policy_name: str, seed: int) -> None:
+    clock, datastore, items = random_world(seed)
+    policy = make_policy(policy_name, datastore, clock)
+    items = admitted(policy, items, seed)
+    for a in items:
+        for b in items:
+            assert policy.less(a, b) == (policy.sort_key(a) < policy.sort_key(b))
 
 
 def test_equal_requests_go_first_come_first_served(policy_name: str) -> None:

@@ -6,6 +6,8 @@ import random
 import pytest
 
 from extproc.clock import VirtualClock
+from extproc.contracts import QueuedRequest
+from extproc.fair_share import FairSharePolicy
 from extproc.outcomes import Outcome
 from extproc.policy import FcfsPolicy
 from extproc.queue import FlowController, FlowRequest, Ticket
@@ -175,8 +177,8 @@ async def test_shutdown_rejects_queued_and_new_requests() -> None:
 
 def test_each_criticality_of_a_workload_is_its_own_flow() -> None:
     class CriticalFirst(FcfsPolicy):
-        def less(self, a, b):  # type: ignore[no-untyped-def]
-            return (a.criticality, -a.seq) > (b.criticality, -b.seq)
+        def sort_key(self, item: QueuedRequest) -> tuple[float, ...]:
+            return (-item.criticality, item.seq)
 
     flow = FlowController(CriticalFirst(), VirtualClock(), max_concurrency=1)
     running = flow.enqueue(FlowRequest("a", 1))
@@ -262,3 +264,43 @@ async def test_wait_for_wakes_when_the_queue_empties() -> None:
     idle.cancel()
     await settle()
     assert flow._waiters == []
+
+
+class ScanningFairShare(FairSharePolicy):
+    """fair-share with its keys declared unstable: the queue scans every head instead."""
+
+    stable_keys = False
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_heap_and_scan_dispatch_in_the_same_order(seed: int) -> None:
+    """The heap of flow heads must pick exactly what a full scan picks, op for op."""
+    dispatched: dict[str, list[int]] = {"heap": [], "scan": []}
+    for name, policy in (("heap", FairSharePolicy()), ("scan", ScanningFairShare())):
+        rng = random.Random(seed)
+        clock = VirtualClock()
+        order = dispatched[name]
+
+        def record(ticket: Ticket, order: list[int] = order) -> None:
+            if ticket.outcome is Outcome.DISPATCHED:
+                order.append(ticket.request.seq)
+
+        flow = FlowController(policy, clock, max_concurrency=3, max_queue=50,
+                              queue_timeout=5.0, on_decided=record)  # fmt: skip
+        live: list[Ticket] = []
+        for _ in range(600):
+            action = rng.random()
+            if action < 0.5:
+                request = FlowRequest(f"w{rng.randrange(8)}", rng.randint(1, 5))
+                live.append(flow.enqueue(request))
+            elif action < 0.85 and live:
+                running = [t for t in live if t.outcome is Outcome.DISPATCHED]
+                pool = running if running and rng.random() < 0.8 else live
+                ticket = pool[rng.randrange(len(pool))]
+                live.remove(ticket)
+                ticket.close()
+            else:
+                clock.advance(rng.uniform(0, 2))
+        assert len(flow._heap) <= 4 * len(flow._flows) + 64 + 5
+    assert dispatched["heap"] == dispatched["scan"]
+    assert len(dispatched["heap"]) > 100
