@@ -29,6 +29,12 @@ run: install
 test: install
 	$(BIN)/python -m pytest
 
+# Not part of `make test`: timings belong here, on a quiet machine.
+bench: install
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python -m pytest bench/test_micro.py -p no:cacheprovider --benchmark-columns=median,mean,ops -s
+	$(BIN)/python bench/run.py
+
 fairness-report: install
 	$(BIN)/python docs/fairness_report.py
 

@@ -26,7 +26,7 @@ ANSWERS = {
 
 
 class NullProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    async def Process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:  # noqa: N802
+    async def Process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         async for message in requests:
             answer = ANSWERS.get(message.WhichOneof("request") or "")
             if answer is not None:

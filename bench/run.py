@@ -51,18 +51,31 @@ class Measurement:
 
 def backend_config(port: int) -> dict[str, Any]:
     manager = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+        "http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "backend",
         "route_config": {
             "virtual_hosts": [
                 {
                     "name": "ok",
                     "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}],
+                    "routes": [
+                        {
+                            "match": {"prefix": "/"},
+                            "direct_response": {"status": 200, "body": {"inline_string": "ok"}},
+                        }
+                    ],
                 }
             ]
         },
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            }
+        ],
     }
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
@@ -71,7 +84,16 @@ def backend_config(port: int) -> dict[str, Any]:
                 {
                     "name": "backend",
                     "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-                    "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}],
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": manager,
+                                }
+                            ]
+                        }
+                    ],
                 }
             ]
         },
@@ -83,7 +105,9 @@ def proxy_config(processor_port: int, backend_port: int, with_ext_proc: bool) ->
     if not with_ext_proc:
         manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
         filters = manager["typed_config"]["http_filters"]
-        manager["typed_config"]["http_filters"] = [f for f in filters if "ext_proc" not in f["name"]]
+        manager["typed_config"]["http_filters"] = [
+            f for f in filters if "ext_proc" not in f["name"]
+        ]
     return config
 
 
@@ -128,10 +152,10 @@ def cpu_seconds(pid: int | None) -> float:
 def wrk(url: str, connections: int, delay_ms: float = 0.0) -> dict[str, float]:
     env = {**os.environ, "WRK_DELAY_MS": f"{delay_ms:.3f}"}
     threads = min(2, connections)
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{SECONDS}s", "--latency"]
     output = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{SECONDS}s", "--latency", "-s", str(LUA), url],
-        capture_output=True, text=True, env=env, check=True,
-    ).stdout  # fmt: skip
+        [*command, "-s", str(LUA), url], capture_output=True, text=True, env=env, check=True
+    ).stdout
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))}  # type: ignore[union-attr]
     result["requests"] = float(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
     for percent in ("50", "99"):
@@ -142,7 +166,9 @@ def wrk(url: str, connections: int, delay_ms: float = 0.0) -> dict[str, float]:
     return result
 
 
-async def measure(name: str, command: list[str] | None, with_ext_proc: bool, paced_rps: float | None) -> tuple[Measurement, float]:
+async def measure(
+    name: str, command: list[str] | None, with_ext_proc: bool, paced_rps: float | None
+) -> tuple[Measurement, float]:
     backend_port = free_port()
     backend = Envoy(backend_config(backend_port), concurrency=1)
     await backend.start()
@@ -183,12 +209,31 @@ def median(runs: list[Measurement]) -> Measurement:
 
 async def main() -> int:
     python = sys.executable
-    extproc = [python, "-m", "extproc", "serve", "--listen", "{address}", "--admin-listen", "127.0.0.1:0", "--log-format", "json"]
+    extproc = [
+        python,
+        "-m",
+        "extproc",
+        "serve",
+        "--listen",
+        "{address}",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ]
     configs = {
         "a": ("(a) Envoy alone", None, False),
-        "b": ("(b) Envoy + null processor", [python, str(ROOT / "bench" / "null_processor.py"), "{address}"], True),
+        "b": (
+            "(b) Envoy + null processor",
+            [python, str(ROOT / "bench" / "null_processor.py"), "{address}"],
+            True,
+        ),
         "c": ("(c) Envoy + workload-extproc", extproc, True),
-        "d": ("(d) workload-extproc, --max-concurrency 4", [*extproc, "--max-concurrency", "4"], True),
+        "d": (
+            "(d) workload-extproc, --max-concurrency 4",
+            [*extproc, "--max-concurrency", "4"],
+            True,
+        ),
     }
     runs: dict[str, list[Measurement]] = {key: [] for key in configs}
     paced_rps: float | None = None
@@ -221,15 +266,18 @@ async def main() -> int:
 
 def render(summary: dict[str, Any], results: dict[str, Measurement]) -> str:
     lines = [
-        f"Machine: {summary['machine']}; Python {summary['python']}; median of {summary['repeats']} runs of "
-        f"{summary['seconds_per_measurement']} s; latency at {summary['paced_rps']:.0f} req/s (25% of (b)).",
+        f"Machine: {summary['machine']}; Python {summary['python']}; "
+        f"median of {summary['repeats']} runs of {summary['seconds_per_measurement']} s; "
+        f"latency at {summary['paced_rps']:.0f} req/s (25% of (b)).",
         "",
         "| setup | req/s at saturation | p50 ms | p99 ms | processor CPU-s per 1,000 req |",
         "| --- | --- | --- | --- | --- |",
     ]
     for m in results.values():
         cpu = f"{m.cpu_seconds_per_1000:.3f}" if m.cpu_seconds_per_1000 is not None else "-"
-        lines.append(f"| {m.name} | {m.saturation_rps:,.0f} | {m.p50_ms:.2f} | {m.p99_ms:.2f} | {cpu} |")
+        lines.append(
+            f"| {m.name} | {m.saturation_rps:,.0f} | {m.p50_ms:.2f} | {m.p99_ms:.2f} | {cpu} |"
+        )
     lines += [
         "",
         f"(c) reaches {summary['c_over_b_rps']:.0%} of (b)'s requests/s; its p50 is "

@@ -5,9 +5,10 @@ Algorithm
   flow is a FIFO, and only flow heads compete. The winner of each dispatch is
   the head with the lowest `policy.sort_key` at that instant:
   - for policies with stable keys (a key changes only in a hook about its
-    workload: fcfs, fair-share) heads sit in a heap, and every hook or change
-    of head re-keys the (at most five) flows of that workload: O(log F) per
-    decision, F = non-empty flows. Superseded heap entries carry an old
+    workload: fcfs, fair-share) each backlogged workload has one heap entry,
+    keyed by the best of its (at most five) flow heads, and every hook or
+    change of head about a workload re-keys that entry: O(log W) per
+    decision, W = backlogged workloads. Superseded entries carry an old
     version and are dropped when they surface;
   - for policies whose keys move with time (workload-aware), every head is
     keyed afresh at every decision: O(F), exact.
@@ -147,7 +148,8 @@ class FlowController:
         self._criticalities: dict[str, set[int]] = {}
         """The criticalities of each workload's non-empty flows."""
         self._heap: list[tuple[tuple[float, ...], int, FlowKey]] = []
-        self._versions: dict[FlowKey, int] = {}
+        self._versions: dict[str, int] = {}
+        """The version of each backlogged workload's one live heap entry."""
         self._version = itertools.count()
         self._queued_by_workload: dict[str, int] = {}
         self._queued = 0
@@ -246,11 +248,11 @@ class FlowController:
         del flow[request.seq]
         if not flow:
             del self._flows[key]
-            self._versions.pop(key, None)
             criticalities = self._criticalities[request.workload_id]
             criticalities.discard(request.criticality)
             if not criticalities:
                 del self._criticalities[request.workload_id]
+                self._versions.pop(request.workload_id, None)
         self._queued -= 1
         left = self._queued_by_workload[request.workload_id] - 1
         if left:
@@ -293,25 +295,31 @@ class FlowController:
             return min(heads, key=lambda head: self._policy.sort_key(head.request))
         while True:
             _, version, key = self._heap[0]
-            if self._versions.get(key) == version:
+            if self._versions.get(key[0]) == version:
                 return next(iter(self._flows[key].values()))
             heapq.heappop(self._heap)
 
     def _rekey(self, workload_id: str) -> None:
-        """Re-enter this workload's flow heads in the heap at their current keys."""
-        if not self._policy.stable_keys:
+        """Re-enter this workload in the heap at the key of its best flow head."""
+        criticalities = self._criticalities.get(workload_id)
+        if not self._policy.stable_keys or not criticalities:
             return
-        for criticality in self._criticalities.get(workload_id, ()):
-            key = (workload_id, criticality)
-            head = next(iter(self._flows[key].values()))
-            version = self._versions[key] = next(self._version)
-            heapq.heappush(self._heap, (self._policy.sort_key(head.request), version, key))
-        if len(self._heap) > 4 * len(self._flows) + 64:
+        best: tuple[tuple[float, ...], FlowKey] | None = None
+        for criticality in criticalities:
+            flow_key = (workload_id, criticality)
+            head = next(iter(self._flows[flow_key].values()))
+            sort_key = self._policy.sort_key(head.request)
+            if best is None or sort_key < best[0]:
+                best = (sort_key, flow_key)
+        assert best is not None
+        version = self._versions[workload_id] = next(self._version)
+        heapq.heappush(self._heap, (best[0], version, best[1]))
+        if len(self._heap) > 4 * len(self._versions) + 64:
             self._compact()
 
     def _compact(self) -> None:
-        """Drop superseded entries, so the heap stays proportional to the flows."""
-        self._heap = [e for e in self._heap if self._versions.get(e[2]) == e[1]]
+        """Drop superseded entries, so the heap stays proportional to the workloads."""
+        self._heap = [e for e in self._heap if self._versions.get(e[2][0]) == e[1]]
         heapq.heapify(self._heap)
 
     def _evict(self, ticket: Ticket, outcome: Outcome) -> None:

@@ -301,6 +301,6 @@ def test_heap_and_scan_dispatch_in_the_same_order(seed: int) -> None:
                 ticket.close()
             else:
                 clock.advance(rng.uniform(0, 2))
-        assert len(flow._heap) <= 4 * len(flow._flows) + 64 + 5
+        assert len(flow._heap) <= 4 * len(flow._versions) + 64 + 1
     assert dispatched["heap"] == dispatched["scan"]
     assert len(dispatched["heap"]) > 100
