@@ -1,5 +1,5 @@
-"""The `extproc` command: `serve`, watch it with `top`, check its `config`, `simulate` a
-scenario, run the `demo-backend`."""
+"""The `extproc` command: `serve`, watch it with `top`, probe its `health`, check its
+`config`, `simulate` a scenario, run the `demo-backend`."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 import yaml
 from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
@@ -46,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _simulate(args)
     if command == "config":
         return _config(args)
+    if command == "health":
+        return _health(str(args["address"]), str(args["service"]), float(str(args["timeout"])))
     if command == "top":
         return top.run(
             str(args["address"]),
@@ -78,6 +82,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_setting_flags(show)
     check = config_commands.add_parser("check", help="validate a config file")
     check.add_argument("file", type=Path)
+
+    health = commands.add_parser(
+        "health", help="exit 0 if a running service reports SERVING (for container health checks)"
+    )
+    health.add_argument("--address", default="127.0.0.1:9002")
+    health.add_argument(
+        "--service", default="readiness", help="liveness, readiness, or a gRPC service name"
+    )
+    health.add_argument("--timeout", type=float, default=2.0)
 
     live = commands.add_parser("top", help="live view of every workload")
     live.add_argument("--address", default="127.0.0.1:9002", help="the service's gRPC address")
@@ -154,6 +167,20 @@ def _config(args: dict[str, object]) -> int:
         return 2
     print(yaml.safe_dump(public_view(settings), sort_keys=False), end="")
     return 0
+
+
+def _health(address: str, service: str, timeout: float) -> int:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as error:
+            print(f"extproc: {address}: {error.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{address} {service or '(server)'}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _file_error(error: ValidationError, config: ConfigFile) -> str:
