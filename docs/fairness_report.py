@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -154,12 +155,7 @@ def plot_wait_cdf(results: dict[tuple[str, str], SimResult], name: str, path: Pa
         axis.set_title(policy)
         axis.set_xlabel("queue wait (s)")
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("fraction of requests")
-    axes[-1].legend(loc="lower right", fontsize="small")
-    figure.suptitle(f"{name}: queue wait CDF per tenant")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    finish(figure, axes, "fraction of requests", f"{name}: queue wait CDF per tenant", path)
 
 
 def plot_shares(results: dict[tuple[str, str], SimResult], name: str, path: Path) -> None:
@@ -175,9 +171,14 @@ def plot_shares(results: dict[tuple[str, str], SimResult], name: str, path: Path
         axis.set_title(policy)
         axis.set_xlabel("time (s)")
         axis.set_ylim(0, 1)
-    axes[0].set_ylabel("share of slot-seconds")
-    axes[-1].legend(loc="upper right", fontsize="small")
-    figure.suptitle(f"{name}: service share over time (10 s windows)")
+    title = f"{name}: service share over time (10 s windows)"
+    finish(figure, axes, "share of slot-seconds", title, path)
+
+
+def finish(figure: Any, axes: Any, ylabel: str, title: str, path: Path) -> None:
+    axes[0].set_ylabel(ylabel)
+    axes[-1].legend(loc="best", fontsize="small")
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

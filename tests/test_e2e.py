@@ -257,11 +257,17 @@ async def test_noisy_neighbour_through_envoy(make_stack: MakeStack) -> None:
     assert fair_p99 * 3 <= fcfs_p99, (fair_p99, fcfs_p99)
 
 
+async def blocked_with_queue(stack: Stack, queued: int) -> tuple[list[Any], list[Any]]:
+    """One slot held at the backend, `queued` requests waiting behind it."""
+    blocker = await hold_capacity(stack)
+    waiting = [asyncio.create_task(stack.fetch(f"q{i}")) for i in range(queued)]
+    await eventually(lambda: stack.service.flow.queued == queued)
+    return blocker, waiting
+
+
 async def test_drain_dispatches_the_queue_then_stops(make_stack: MakeStack) -> None:
     stack = await make_stack(max_concurrency=1)
-    blocker = await hold_capacity(stack)
-    queued = [asyncio.create_task(stack.fetch(f"q{i}")) for i in range(3)]
-    await eventually(lambda: stack.service.flow.queued == 3)
+    blocker, queued = await blocked_with_queue(stack, 3)
     stopping = asyncio.create_task(stack.service.stop(drain_timeout=10, grace=10))
     await eventually(lambda: not stack.service.ready)
     async with stack.http.get(f"http://127.0.0.1:{stack.service.admin_port}/readyz") as reply:
@@ -277,9 +283,7 @@ async def test_drain_dispatches_the_queue_then_stops(make_stack: MakeStack) -> N
 
 async def test_drain_timeout_rejects_the_rest_and_in_flight_finishes(make_stack: MakeStack) -> None:
     stack = await make_stack(max_concurrency=1)
-    blocker = await hold_capacity(stack)
-    queued = [asyncio.create_task(stack.fetch(f"q{i}")) for i in range(3)]
-    await eventually(lambda: stack.service.flow.queued == 3)
+    blocker, queued = await blocked_with_queue(stack, 3)
     stopping = asyncio.create_task(stack.service.stop(drain_timeout=0.3, grace=10))
     assert await asyncio.gather(*queued) == [503] * 3  # drain timed out: shutdown
     assert not stopping.done()  # the in-flight response still has its grace period

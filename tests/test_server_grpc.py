@@ -24,6 +24,7 @@ from .support.extproc_client import (
     request_headers,
     response_headers,
     response_trailers,
+    running_and_held,
     set_headers,
     workload_headers,
 )
@@ -140,12 +141,7 @@ async def test_held_request_extends_envoys_timeout_then_is_released(
     start_service: StartService, channel_to: Any
 ) -> None:
     service = await start_service(max_concurrency=1, queue_timeout=20)
-    stub = pb_grpc.ExternalProcessorStub(channel_to(service))
-    first, second = stub.Process(), stub.Process()
-    await first.write(workload_headers("a"))
-    await first.read()
-    await second.write(workload_headers("b"))
-    hold = await second.read()
+    first, second, hold = await running_and_held(channel_to(service))
     assert hold.WhichOneof("response") is None  # the override travels alone
     assert hold.override_message_timeout == duration_pb2.Duration(seconds=21)
     await eventually(lambda: counts(service, "b") == (1, 1, 1, 0))
@@ -161,12 +157,7 @@ async def test_client_gone_while_queued_is_counted_out(
     start_service: StartService, channel_to: Any
 ) -> None:
     service = await start_service(max_concurrency=1)
-    stub = pb_grpc.ExternalProcessorStub(channel_to(service))
-    first, second = stub.Process(), stub.Process()
-    await first.write(workload_headers("a"))
-    await first.read()
-    await second.write(workload_headers("b"))
-    await second.read()  # the hold message
+    first, second, _ = await running_and_held(channel_to(service))
     second.cancel()
     await eventually(lambda: counts(service, "b") == (1, 0, 0, 0))
     assert service.flow.queued == 0
@@ -201,12 +192,7 @@ async def test_shutdown_answers_queued_requests_503(
     start_service: StartService, channel_to: Any
 ) -> None:
     service = await start_service(max_concurrency=1)
-    stub = pb_grpc.ExternalProcessorStub(channel_to(service))
-    running, queued = stub.Process(), stub.Process()
-    await running.write(workload_headers("a"))
-    await running.read()
-    await queued.write(workload_headers("b"))
-    await queued.read()
+    running, queued, _ = await running_and_held(channel_to(service))
     stopping = asyncio.create_task(service.stop(drain_timeout=0, grace=2.0))
     answer = await queued.read()
     assert answer.immediate_response.status.code == 503
@@ -240,12 +226,7 @@ async def test_protocol_oddities_are_answered_and_counted_once(
 async def test_read_api_over_grpc(start_service: StartService, channel_to: Any) -> None:
     service = await start_service(max_concurrency=1)
     channel = channel_to(service)
-    stub = pb_grpc.ExternalProcessorStub(channel)
-    running, queued = stub.Process(), stub.Process()
-    await running.write(workload_headers("a"))
-    await running.read()
-    await queued.write(workload_headers("b"))
-    await queued.read()
+    running, _, _ = await running_and_held(channel)
     registry = registry_pb2_grpc.WorkloadRegistryStub(channel)
 
     b = await registry.GetMetrics(registry_pb2.GetMetricsRequest(workload_id="b"))

@@ -5,12 +5,11 @@ import os
 import sys
 
 import grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from extproc.top import sparkline
 
 from .conftest import StartService
-from .support.extproc_client import workload_headers
+from .support.extproc_client import running_and_held
 
 
 def test_sparkline_scales_to_the_largest_value() -> None:
@@ -22,12 +21,7 @@ def test_sparkline_scales_to_the_largest_value() -> None:
 async def test_once_prints_a_frame_of_the_live_service(start_service: StartService) -> None:
     service = await start_service(max_concurrency=1)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
-        stub = pb_grpc.ExternalProcessorStub(channel)
-        running, waiting = stub.Process(), stub.Process()
-        await running.write(workload_headers("team-running"))
-        await running.read()
-        await waiting.write(workload_headers("team-waiting"))
-        await waiting.read()
+        running, waiting, _ = await running_and_held(channel, "team-running", "team-waiting")
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "extproc", "top", "--once", "--sort", "queued",
             "--address", f"127.0.0.1:{service.grpc_port}",

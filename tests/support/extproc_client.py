@@ -7,8 +7,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 
 def request_headers(headers: dict[str, str | bytes], end_of_stream: bool = True) -> Any:
@@ -26,6 +28,18 @@ def request_headers(headers: dict[str, str | bytes], end_of_stream: bool = True)
 def workload_headers(workload: str, criticality: int = 3) -> Any:
     context = f'{{"workload_id": "{workload}", "criticality": {criticality}}}'
     return request_headers({"x-workload-context": context})
+
+
+async def running_and_held(
+    channel: grpc.aio.Channel, running: str = "a", held: str = "b"
+) -> tuple[Any, Any, Any]:
+    """With one slot: a dispatched stream, a held one, and the held one's first answer."""
+    stub = pb_grpc.ExternalProcessorStub(channel)
+    first, second = stub.Process(), stub.Process()
+    await first.write(workload_headers(running))
+    await first.read()
+    await second.write(workload_headers(held))
+    return first, second, await second.read()
 
 
 def response_trailers() -> Any:
