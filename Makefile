@@ -13,7 +13,9 @@ all: install
 install: $(STAMP) $(GENERATED)
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# Debian's own python3 needs python3-venv for this; install it if the first try fails.
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || \
+		(rm -rf $(VENV) && apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV))
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
