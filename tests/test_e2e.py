@@ -55,12 +55,12 @@ MakeStack = Callable[..., Awaitable[Stack]]
 async def make_stack(start_service: StartService) -> AsyncIterator[MakeStack]:
     cleanups: list[Callable[[], Awaitable[None]]] = []
 
-    async def make(**settings: object) -> Stack:
+    async def make(envoy_filter: dict[str, Any] | None = None, **settings: object) -> Stack:
         backend = Backend()
         await backend.start()
         cleanups.append(backend.stop)
         service = await start_service(**settings)
-        envoy = Envoy(bundled_config(service.grpc_port, backend.port))
+        envoy = Envoy(bundled_config(service.grpc_port, backend.port, **(envoy_filter or {})))
         cleanups.append(envoy.stop)
         await envoy.start()
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
@@ -115,9 +115,9 @@ async def test_full_queue_answers_429_with_retry_after(make_stack: MakeStack) ->
 async def test_queue_timeout_answers_503_after_outliving_envoys_message_timeout(
     make_stack: MakeStack,
 ) -> None:
-    # Envoy's message_timeout is 1 s; the queue timeout is longer, so a 503 from the
+    # With Envoy's message_timeout at 1 s and the queue timeout longer, a 503 from the
     # queue (not Envoy's 504) proves the held request's timeout override reached Envoy.
-    stack = await make_stack(max_concurrency=1, queue_timeout=1.5)
+    stack = await make_stack({"message_timeout": "1s"}, max_concurrency=1, queue_timeout=1.5)
     blocker = await hold_capacity(stack)
     started = asyncio.get_running_loop().time()
     async with stack.get("late") as reply:
