@@ -58,9 +58,3 @@ class VirtualClock:
                 self._now = timer.when
                 timer.callback()
         self._now = until
-
-    def next_deadline(self) -> float | None:
-        """When the earliest live timer fires, or None when none is pending."""
-        while self._timers and self._timers[0].cancelled:
-            heapq.heappop(self._timers)
-        return self._timers[0].when if self._timers else None
