@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 GENERATED := extproc/api/v1/registry_pb2.py
+CAPACITY ?= static
+ARGS ?=
 
 .PHONY: all install protos run test lint format fairness-report bench clean
 
@@ -25,8 +27,9 @@ protos: $(GENERATED)
 $(GENERATED): $(PROTOS) protos/generate.py $(STAMP)
 	$(BIN)/python protos/generate.py .
 
+# make run CAPACITY=metrics|adaptive ARGS='--policy fair-share'
 run: install
-	bash envoy/run-local.sh
+	CAPACITY=$(CAPACITY) bash envoy/run-local.sh $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest

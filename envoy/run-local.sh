@@ -7,8 +7,18 @@ BIN=.venv/bin
 
 trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT INT TERM
 
+# CAPACITY=static|metrics|adaptive (make run CAPACITY=metrics): which gate decides
+# how many requests reach the demo backend, which runs 4 at once.
+case "${CAPACITY:-static}" in
+  static) GATE=(--max-concurrency 4) ;;
+  metrics) GATE=(--capacity metrics --backend-metrics-url http://127.0.0.1:8000/metrics
+                 --waiting-threshold 2 --max-concurrency 16) ;;
+  adaptive) GATE=(--capacity adaptive --max-concurrency 16) ;;
+  *) echo "CAPACITY must be static, metrics or adaptive" >&2; exit 2 ;;
+esac
+
 "$BIN/extproc" demo-backend --listen 127.0.0.1:8000 --concurrency 4 &
-"$BIN/extproc" serve --max-concurrency 4 --log-format console "$@" &
+"$BIN/extproc" serve "${GATE[@]}" --log-format console "$@" &
 "$BIN/envoy" -c envoy/envoy.yaml --disable-hot-restart --concurrency 2 --log-level warning &
 
 "$BIN/python" - <<'PY'
@@ -36,6 +46,7 @@ workload-extproc is running behind Envoy. Try:
 
   curl -s http://127.0.0.1:9003/v1/workloads      # what the registry knows
   curl -s http://127.0.0.1:9003/metrics           # Prometheus metrics
+  curl -s http://127.0.0.1:9003/v1/capacity       # the capacity gate (make run CAPACITY=metrics)
 
 Watch every workload live, in another terminal:
 

@@ -1,11 +1,12 @@
-"""The HTTP admin listener: liveness, readiness, Prometheus metrics and the workload
-read API as JSON.
+"""The HTTP admin listener: liveness, readiness, Prometheus metrics, and the workload
+read API and the capacity gate's state as JSON.
 
 Liveness and readiness are open to probes; `/metrics` and `/v1/...` (which name
 workloads) need the bearer token when one is configured (see `auth`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -44,6 +45,7 @@ def make_admin_app(
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/v1/workloads", _list_workloads)
     app.router.add_get("/v1/workloads/{workload_id}", _get_workload)
+    app.router.add_get("/v1/capacity", _capacity)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics))
     return app
 
@@ -61,6 +63,10 @@ async def _readyz(request: web.Request) -> web.Response:
 async def _list_workloads(request: web.Request) -> web.Response:
     statuses = request.app[_READER].list()
     return web.json_response({"workloads": [status.as_json() for status in statuses]})
+
+
+async def _capacity(request: web.Request) -> web.Response:
+    return web.json_response(dataclasses.asdict(request.app[_READER].flow.capacity.status()))
 
 
 async def _get_workload(request: web.Request) -> web.Response:

@@ -30,19 +30,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from extproc.adaptive import AdaptiveCapacity
 from extproc.admin import make_admin_app
 from extproc.api.v1 import registry_pb2, registry_pb2_grpc
 from extproc.auth import BearerToken
+from extproc.capacity import StaticCapacity
 from extproc.clock import SystemClock
 from extproc.config import Settings, parse_address
 from extproc.context import ContextParser
-from extproc.contracts import Clock
+from extproc.contracts import Capacity, Clock
 from extproc.datastore import RegistryDatastore
 from extproc.metrics import Metrics
 from extproc.policies import make_policy
 from extproc.queue import FlowController
 from extproc.readapi import WorkloadReader, WorkloadRegistryService
 from extproc.registry import InMemoryWorkloadRegistry
+from extproc.saturation import MetricsCapacity
+from extproc.scraper import Scraper
 from extproc.server import ExternalProcessorService
 
 # Envoy's message timeout is extended by this much beyond the queue timeout, so
@@ -75,10 +79,16 @@ class Service:
         )
         self.datastore = RegistryDatastore(self.registry)
         policy = make_policy(settings.policy, self.datastore, clock, settings.policy_options())
+        self.capacity = make_capacity(settings, clock)
+        self._scraper = (
+            Scraper(self.capacity, settings.backend_metrics_interval)
+            if isinstance(self.capacity, MetricsCapacity)
+            else None
+        )
         self.flow = FlowController(
             policy,
             clock,
-            max_concurrency=settings.max_concurrency,
+            capacity=self.capacity,
             max_queue=settings.max_queue,
             queue_timeout=settings.queue_timeout,
         )
@@ -130,12 +140,15 @@ class Service:
         self._server = server
         self._admin = await self._start_admin()
         self._sweeper = asyncio.create_task(self._sweep_forever())
+        if self._scraper is not None:
+            await self._scraper.start()
         await self._set_ready(True)
         self._log.info(
             "serving",
             grpc=self.settings.listen.rsplit(":", 1)[0] + f":{self.grpc_port}",
             admin=self.settings.admin_listen.rsplit(":", 1)[0] + f":{self.admin_port}",
             policy=self.settings.policy,
+            capacity=self.settings.capacity,
             tls="mutual" if self.settings.tls_client_ca else bool(self.settings.tls_cert),
             max_concurrency=self.settings.max_concurrency,
             max_queue=self.settings.max_queue,
@@ -155,6 +168,8 @@ class Service:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._scraper is not None:
+            await self._scraper.stop()
         if self._server is not None:
             await self._server.stop(0)
             self._server = None
@@ -206,6 +221,17 @@ class Service:
             # Liveness stays SERVING while the process runs; the rest follow readiness.
             alive = name == "liveness"
             await self.health.set(name, serving if ready or alive else not_serving)
+
+
+def make_capacity(settings: Settings, clock: Clock) -> Capacity:
+    static = StaticCapacity(settings.max_concurrency)
+    if settings.capacity == "metrics":
+        return MetricsCapacity(
+            settings.backend_metrics_url, clock, static, settings.saturation_options()
+        )
+    if settings.capacity == "adaptive":
+        return AdaptiveCapacity(clock, settings.adaptive_options())
+    return static
 
 
 async def _within(seconds: float, waiting: Coroutine[None, None, None]) -> None:

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -123,13 +124,16 @@ def _parser() -> argparse.ArgumentParser:
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings")
     for name, field in Settings.model_fields.items():
+        repeatable = typing.get_origin(field.annotation) is list
+        default = field.get_default(call_default_factory=True)
         # SUPPRESS: only flags the user typed reach Settings, so env and file fill the rest.
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
             default=argparse.SUPPRESS,
+            action="append" if repeatable else "store",
             metavar=name.upper(),
-            help=f"{field.description or ''} (default: {field.default})",
+            help=f"{field.description or ''} (default: {default})",
         )
 
 

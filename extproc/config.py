@@ -12,21 +12,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
+from extproc.adaptive import AdaptiveOptions
 from extproc.auth import is_loopback
 from extproc.fair_share import DEFAULT_WEIGHTS
 from extproc.policies import POLICIES, PolicyOptions
 from extproc.policy import ScoreWeights
+from extproc.saturation import KV_CACHE_METRICS, WAITING_METRICS, SaturationOptions
 
 ENV_PREFIX = "EXTPROC_"
 
@@ -96,7 +99,44 @@ class Settings(BaseSettings):
 
     listen: str = Field("127.0.0.1:9002", description="gRPC address (ext_proc, read API, health)")
     admin_listen: str = Field("127.0.0.1:9003", description="HTTP admin address")
-    max_concurrency: int = Field(0, ge=0, description="requests in flight at once; 0 = unlimited")
+    max_concurrency: int = Field(
+        0,
+        ge=0,
+        description="requests in flight at once; 0 = unlimited. With --capacity metrics the "
+        "ceiling and the fallback when metrics go stale; with adaptive the ceiling",
+    )
+    capacity: Literal["static", "metrics", "adaptive"] = Field(
+        "static",
+        description="static: --max-concurrency; metrics: the model servers' saturation; "
+        "adaptive: a limit found from latency",
+    )
+    backend_metrics_url: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="metrics: a model server's Prometheus URL; repeat (or comma-separate) for each",
+    )
+    backend_metrics_interval: float = Field(
+        0.1, gt=0, le=60, description="metrics: seconds between scrapes"
+    )
+    backend_metrics_stale: float = Field(
+        1.0, gt=0, description="metrics: ignore readings older than this; all stale -> static, s"
+    )
+    waiting_threshold: float = Field(
+        5.0, gt=0, description="metrics: saturated at this many requests waiting in a server"
+    )
+    kv_cache_threshold: float = Field(
+        0.8, gt=0, le=1, description="metrics: saturated at this KV-cache utilisation"
+    )
+    waiting_metrics: str = Field(
+        ",".join(WAITING_METRICS), description="metrics: waiting-requests gauge names, first found"
+    )
+    kv_cache_metrics: str = Field(
+        ",".join(KV_CACHE_METRICS), description="metrics: KV-cache gauge names, first found"
+    )
+    adaptive_min_limit: int = Field(3, ge=1, description="adaptive: floor, and the probe's limit")
+    adaptive_window: float = Field(0.5, gt=0, description="adaptive: seconds per latency window")
+    adaptive_probe_interval: float = Field(
+        60.0, gt=0, description="adaptive: re-measure the no-load latency this often, s"
+    )
     max_queue: int = Field(10_000, ge=0, description="requests waiting at once, all workloads")
     queue_timeout: float = Field(30.0, gt=0, le=3600, description="longest wait in the queue, s")
     policy: str = Field("workload-aware", description=f"one of {', '.join(sorted(POLICIES))}")
@@ -151,6 +191,21 @@ class Settings(BaseSettings):
         parse_address(value)
         return value
 
+    @field_validator("backend_metrics_url", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("backend_metrics_url")
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+        return value
+
     @field_validator("policy")
     @classmethod
     def _policy(cls, value: str) -> str:
@@ -177,6 +232,20 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _capacity_needs(self) -> Settings:
+        if self.capacity == "metrics" and not self.backend_metrics_url:
+            raise ValueError("--capacity metrics needs at least one --backend-metrics-url")
+        stale, interval = self.backend_metrics_stale, self.backend_metrics_interval
+        if self.capacity == "metrics" and stale < interval:
+            raise ValueError("--backend-metrics-stale must be >= --backend-metrics-interval")
+        if self.capacity == "adaptive" and self.max_concurrency < self.adaptive_min_limit:
+            raise ValueError(
+                "--capacity adaptive needs --max-concurrency (its ceiling) "
+                f">= --adaptive-min-limit ({self.adaptive_min_limit})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _secure_off_loopback(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
@@ -199,6 +268,27 @@ class Settings(BaseSettings):
             cost=self.fair_share_cost,
             criticality_weights=tuple(float(w) for w in self.criticality_weights.split(",")),
         )
+
+    def saturation_options(self) -> SaturationOptions:
+        return SaturationOptions(
+            waiting_threshold=self.waiting_threshold,
+            kv_cache_threshold=self.kv_cache_threshold,
+            stale_after=self.backend_metrics_stale,
+            waiting_metrics=_names(self.waiting_metrics),
+            kv_cache_metrics=_names(self.kv_cache_metrics),
+        )
+
+    def adaptive_options(self) -> AdaptiveOptions:
+        return AdaptiveOptions(
+            max_limit=self.max_concurrency,
+            min_limit=self.adaptive_min_limit,
+            window=self.adaptive_window,
+            probe_interval=self.adaptive_probe_interval,
+        )
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 def load_settings(

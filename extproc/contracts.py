@@ -11,6 +11,7 @@ The data path, top to bottom::
       -> Datastore          the three tracking points and the metric reads
            -> WorkloadRegistry   per-workload counters, returns copies
       -> FlowController     holds the request until there is capacity
+           -> Capacity.has_room  may one more request go to the backend now?
            -> Policy.less        which queued request goes next
                 -> Datastore.workload_get_metrics
 """
@@ -139,3 +140,65 @@ class Policy(Protocol):
     def forget(self, workload_id: str) -> None:
         """The registry forgot this idle workload; drop any account kept for it."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStatus:
+    """What the last scrapes of one model server's metrics said."""
+
+    url: str
+    waiting: float | None
+    """Requests waiting inside the model server at the last good scrape."""
+    kv_cache_usage: float | None
+    """KV-cache utilisation, 0..1, at the last good scrape; None when not exported."""
+    saturation: float | None
+    """The endpoint's saturation now, credit included; None when stale."""
+    age: float | None
+    """Seconds since the last good scrape; None before the first."""
+    errors: int
+    last_error: str
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityStatus:
+    """A copy of the capacity gate's state, for metrics and the read APIs."""
+
+    mode: str
+    limit: int
+    """The in-flight limit in force now; 0 means none."""
+    saturation: float | None = None
+    """metrics: the worst endpoint's saturation (dispatch only below 1)."""
+    fallback: bool = False
+    """metrics: every endpoint is stale, so the static limit is in force."""
+    min_latency: float | None = None
+    """adaptive: the no-load dispatch-to-first-byte latency, s."""
+    latency: float | None = None
+    """adaptive: the latest window's median dispatch-to-first-byte latency, s."""
+    endpoints: tuple[EndpointStatus, ...] = ()
+
+
+class Capacity(Protocol):
+    """Whether the backend may take one more request now. Consulted before every dispatch.
+
+    The flow controller reports each dispatched request's life: `on_dispatch`
+    when it takes a slot, `on_latency` once with its dispatch-to-first-byte
+    time (when known), `on_release` when it gives the slot back. A gate whose
+    room can grow without a release (a new scrape, a raised limit) calls the
+    `wake` callback it was bound to, and the controller dispatches at once.
+    """
+
+    name: str
+    wants_first_byte: bool
+    """True when the gate learns from latency, so the response's first byte must be seen."""
+
+    def bind(self, wake: Callable[[], None]) -> None: ...
+
+    def has_room(self, in_flight: int) -> bool: ...
+
+    def on_dispatch(self) -> None: ...
+
+    def on_latency(self, seconds: float, dispatched_at: float) -> None: ...
+
+    def on_release(self) -> None: ...
+
+    def status(self) -> CapacityStatus: ...

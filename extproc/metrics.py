@@ -6,8 +6,13 @@ Per request (updated where the stream handler records each outcome):
   extproc_queue_wait_seconds{outcome}         enqueue to decision
   extproc_dispatch_decision_seconds           time to pick the next request
 At scrape time (read from the queue and the registry, no request-path cost):
-  extproc_queue_size, extproc_in_flight_requests, extproc_max_concurrency,
-  extproc_tracked_workloads, and per workload -- the N busiest by request rate,
+  extproc_queue_size, extproc_in_flight_requests, extproc_max_concurrency (the
+  limit in force, whichever `--capacity` set it), extproc_tracked_workloads;
+  the capacity gate's extproc_capacity_saturation and _fallback (metrics),
+  extproc_capacity_latency_seconds and _min_latency_seconds (adaptive), and per
+  model-server endpoint extproc_backend_waiting_requests,
+  extproc_backend_kv_cache_usage, extproc_backend_scrape_age_seconds,
+  extproc_backend_scrape_errors_total; and per workload -- the N busiest by request rate,
   the rest summed as workload="other", so cardinality stays bounded whatever
   ids clients send --
   extproc_workload_request_rate, extproc_workload_active_requests,
@@ -20,9 +25,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from extproc.contracts import CapacityStatus
 from extproc.readapi import WorkloadReader, WorkloadStatus
 
 OTHER = "other"
@@ -89,9 +95,11 @@ class _StateCollector(Collector):
         yield _gauge(
             "extproc_in_flight_requests", "Requests dispatched, not completed.", flow.in_flight
         )
+        capacity = flow.capacity.status()
         yield _gauge(
-            "extproc_max_concurrency", "The in-flight limit; 0 is unlimited.", flow.max_concurrency
+            "extproc_max_concurrency", "The in-flight limit in force; 0: none.", capacity.limit
         )
+        yield from _capacity(capacity)
         statuses = self._reader.list()
         yield _gauge("extproc_tracked_workloads", "Workloads in the registry.", len(statuses))
         yield from self._per_workload(statuses)
@@ -126,6 +134,49 @@ class _WorkloadFamilies:
 
     def all(self) -> list[Metric]:
         return [self.rate, self.active, self.queued, self.wait]
+
+
+def _capacity(status: CapacityStatus) -> Iterable[Metric]:
+    if status.mode == "metrics":
+        if status.saturation is not None:
+            yield _gauge(
+                "extproc_capacity_saturation",
+                "The worst model server's saturation, credit included; dispatch below 1.",
+                status.saturation,
+            )
+        yield _gauge(
+            "extproc_capacity_fallback",
+            "1 while every model server's metrics are stale and the static limit rules.",
+            float(status.fallback),
+        )
+        yield from _endpoints(status)
+    if status.mode == "adaptive":
+        for name, value, meaning in (
+            ("latency", status.latency, "The latest window's median dispatch-to-first-byte time."),
+            ("min_latency", status.min_latency, "The no-load dispatch-to-first-byte time."),
+        ):
+            if value is not None:
+                yield _gauge(f"extproc_capacity_{name}_seconds", meaning, value)
+
+
+def _endpoints(status: CapacityStatus) -> Iterable[Metric]:
+    def family(name: str, documentation: str) -> GaugeMetricFamily:
+        return GaugeMetricFamily(name, documentation, labels=["endpoint"])
+
+    waiting = family("extproc_backend_waiting_requests", "Waiting in the server, last scrape.")
+    kv = family("extproc_backend_kv_cache_usage", "KV-cache utilisation, last scrape.")
+    age = family("extproc_backend_scrape_age_seconds", "Time since the last good scrape.")
+    errors = CounterMetricFamily(
+        "extproc_backend_scrape_errors", "Failed scrapes.", labels=["endpoint"]
+    )
+    for endpoint in status.endpoints:
+        label = [endpoint.url]
+        errors.add_metric(label, endpoint.errors)
+        for target, value in ((waiting, endpoint.waiting), (kv, endpoint.kv_cache_usage),
+                              (age, endpoint.age)):  # fmt: skip
+            if value is not None:
+                target.add_metric(label, value)
+    return [waiting, kv, age, errors]
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

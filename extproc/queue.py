@@ -13,11 +13,13 @@ Algorithm
   - for policies whose keys move with time (workload-aware), every head is
     keyed afresh at every decision: O(F), exact.
   Either way no order is ever read from keys stored at enqueue time.
-- Capacity is a limit C on requests in flight (released, not yet completed);
-  C = 0 means unlimited. A request is released the moment it is enqueued if a
-  slot is free, and each completion releases the next one synchronously: no
-  polling tick, no idle gap. Invariant: the queue is non-empty only while all
-  C slots are taken.
+- Capacity is a gate (`contracts.Capacity`) consulted before every release:
+  a fixed limit C on requests in flight (released, not yet completed), or one
+  that follows the backend (`saturation`, `adaptive`). A request is released
+  the moment it is enqueued if the gate has room, each completion releases
+  the next one synchronously, and a gate whose room grows by itself wakes the
+  controller: no polling tick, no idle gap. Invariant: the queue is non-empty
+  only while the gate says no.
 - Limits: at most `max_queue` requests wait (beyond that: queue-full), each
   for at most `queue_timeout` seconds (then: queue-timeout, via a clock timer).
 
@@ -45,7 +47,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from extproc.contracts import Clock, Policy, QueuedRequest, TimerHandle
+from extproc.capacity import StaticCapacity
+from extproc.contracts import Capacity, Clock, Policy, QueuedRequest, TimerHandle
 from extproc.outcomes import Outcome
 
 FlowKey = tuple[str, int]
@@ -64,6 +67,7 @@ class Ticket:
         "_controller",
         "_future",
         "_holds_slot",
+        "_sampled",
         "_timer",
         "outcome",
         "request",
@@ -77,8 +81,15 @@ class Ticket:
         self.wait_time = 0.0
         """Seconds from enqueue until the outcome was decided."""
         self._holds_slot = False
+        self._sampled = False
         self._future: asyncio.Future[Outcome] | None = None
         self._timer: TimerHandle | None = None
+
+    def first_byte(self) -> None:
+        """The backend began to answer: report dispatch-to-first-byte latency, once."""
+        if self._holds_slot and not self._sampled:
+            self._sampled = True
+            self._controller._first_byte(self)
 
     async def wait(self) -> Outcome:
         """The outcome, once decided. Cancelling the caller abandons the ticket."""
@@ -126,6 +137,7 @@ class FlowController:
         clock: Clock,
         *,
         max_concurrency: int = 0,
+        capacity: Capacity | None = None,
         max_queue: int = 10_000,
         queue_timeout: float | None = 30.0,
         on_decided: Callable[[Ticket], None] | None = None,
@@ -137,7 +149,8 @@ class FlowController:
             raise ValueError("queue_timeout must be positive")
         self._policy = policy
         self._clock = clock
-        self.max_concurrency = max_concurrency
+        self.capacity: Capacity = capacity or StaticCapacity(max_concurrency)
+        self.capacity.bind(self.wake)
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.on_decided = on_decided
@@ -161,6 +174,11 @@ class FlowController:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def max_concurrency(self) -> int:
+        """The in-flight limit in force now; 0 means none."""
+        return self.capacity.status().limit
 
     @property
     def queued(self) -> int:
@@ -260,16 +278,29 @@ class FlowController:
         else:
             del self._queued_by_workload[request.workload_id]
 
+    def wake(self) -> None:
+        """The gate may have room without a completion: dispatch what it allows."""
+        if self._flows:
+            self._dispatch_ready()
+            if self._waiters:
+                self._notify()
+
     def _has_free_slot(self) -> bool:
-        return self.max_concurrency == 0 or self._in_flight < self.max_concurrency
+        return self.capacity.has_room(self._in_flight)
 
     def _take_slot(self, ticket: Ticket, now: float) -> None:
         self._in_flight += 1
+        self.capacity.on_dispatch()
         self._policy.on_dispatch(ticket.request)
         ticket._decide(Outcome.DISPATCHED, now)
 
+    def _first_byte(self, ticket: Ticket) -> None:
+        dispatched_at = ticket.request.enqueued_at + ticket.wait_time
+        self.capacity.on_latency(self._clock.now() - dispatched_at, dispatched_at)
+
     def _free_slot(self, ticket: Ticket) -> None:
         self._in_flight -= 1
+        self.capacity.on_release()
         dispatched_at = ticket.request.enqueued_at + ticket.wait_time
         self._policy.on_done(ticket.request, self._clock.now() - dispatched_at)
         self._rekey(ticket.request.workload_id)

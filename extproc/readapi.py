@@ -13,7 +13,7 @@ from google.protobuf import timestamp_pb2
 from extproc.api.v1 import registry_pb2 as pb
 from extproc.api.v1 import registry_pb2_grpc as pb_grpc
 from extproc.auth import BearerToken
-from extproc.contracts import Datastore, WorkloadMetrics
+from extproc.contracts import CapacityStatus, Datastore, WorkloadMetrics
 from extproc.fairness import percentile
 from extproc.queue import FlowController
 
@@ -78,7 +78,31 @@ class WorkloadReader:
             in_flight=self.flow.in_flight,
             queued=self.flow.queued,
             max_concurrency=self.flow.max_concurrency,
+            capacity=capacity_proto(self.flow.capacity.status()),
         )
+
+
+def capacity_proto(status: CapacityStatus) -> pb.Capacity:
+    return pb.Capacity(
+        mode=status.mode,
+        limit=status.limit,
+        saturation=status.saturation,
+        fallback=status.fallback,
+        min_latency_seconds=status.min_latency,
+        latency_seconds=status.latency,
+        endpoints=[
+            pb.BackendEndpoint(
+                url=e.url,
+                waiting=e.waiting,
+                kv_cache_usage=e.kv_cache_usage,
+                saturation=e.saturation,
+                scrape_age_seconds=e.age,
+                scrape_errors=e.errors,
+                last_error=e.last_error,
+            )
+            for e in status.endpoints
+        ],
+    )
 
 
 Context = grpc.aio.ServicerContext[object, object]

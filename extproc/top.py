@@ -2,7 +2,9 @@
 
 One row per workload -- request rate, active, queued, in flight, dispatched,
 average and recent p99 queue wait, share of capacity -- sorted by `--sort`,
-under a header with the totals and a sparkline of the queue's depth.
+under a header with the totals, a sparkline of the queue's depth and the
+capacity gate: its limit, and its saturation and each model server's last
+scrape (metrics) or its latencies (adaptive).
 """
 
 from __future__ import annotations
@@ -79,7 +81,34 @@ def render(snapshot: pb.WorkloadSnapshot, depths: list[int], sort: str, limit: i
         table.add_row(workload.workload_id, *cells)
     if len(rows) > limit:
         table.caption = f"{len(rows) - limit} more workloads not shown (--limit)"
-    return Group(header, table)
+    return Group(header, *capacity_lines(snapshot.capacity), table)
+
+
+def capacity_lines(capacity: pb.Capacity) -> list[Text]:
+    limit = capacity.limit or "unlimited"
+    parts = [f"capacity {capacity.mode or 'static'}   limit {limit}"]
+    if capacity.HasField("saturation"):
+        parts.append(f"saturation {capacity.saturation:.2f}")
+    if capacity.fallback:
+        parts.append("metrics stale: static limit in force")
+    if capacity.HasField("latency_seconds"):
+        parts.append(f"first byte {capacity.latency_seconds * 1000:.1f} ms")
+    if capacity.HasField("min_latency_seconds"):
+        parts.append(f"no-load {capacity.min_latency_seconds * 1000:.1f} ms")
+    lines = [Text("   ".join(parts))]
+    for endpoint in capacity.endpoints:
+        waiting = f"{endpoint.waiting:.0f}" if endpoint.HasField("waiting") else "-"
+        kv = f"{endpoint.kv_cache_usage:.0%}" if endpoint.HasField("kv_cache_usage") else "-"
+        age = (
+            f"{endpoint.scrape_age_seconds:.2f}s ago"
+            if endpoint.HasField("scrape_age_seconds")
+            else "never scraped"
+        )
+        errors = f"   errors {endpoint.scrape_errors}" if endpoint.scrape_errors else ""
+        lines.append(
+            Text(f"  {endpoint.url}   waiting {waiting}   kv {kv}   {age}{errors}", style="dim")
+        )
+    return lines
 
 
 async def watch(

@@ -1,0 +1,64 @@
+"""Scrape each model server's Prometheus metrics on a fixed interval and feed the gate.
+
+One task per endpoint, so a slow endpoint delays only its own readings. A
+scrape that takes longer than the interval, fails, or lacks the waiting series
+counts as an error; the gate decides when errors make an endpoint stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import aiohttp
+
+from extproc.saturation import MetricsCapacity, MetricsError, parse_reading
+
+
+class Scraper:
+    def __init__(self, gate: MetricsCapacity, interval: float) -> None:
+        self._gate = gate
+        self._interval = interval
+        self._tasks: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=max(self._interval, 0.05))
+        self._session = aiohttp.ClientSession(timeout=timeout)
+        # One round before serving, so the first requests meet real readings (or,
+        # if the endpoints fail, the static limit) rather than an empty gate.
+        await asyncio.gather(*(self.scrape(url) for url in self._gate.urls))
+        self._tasks = [asyncio.create_task(self._scrape_forever(url)) for url in self._gate.urls]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _scrape_forever(self, url: str) -> None:
+        due = time.monotonic()
+        while True:
+            due = max(due + self._interval, time.monotonic())
+            await asyncio.sleep(due - time.monotonic())
+            await self.scrape(url)
+
+    async def scrape(self, url: str) -> None:
+        assert self._session is not None
+        self._gate.begin_scrape(url)
+        try:
+            async with self._session.get(url) as response:
+                if response.status != 200:
+                    raise MetricsError(f"HTTP {response.status}")
+                text = await response.text()
+            reading = parse_reading(text, self._gate.options)
+        except (aiohttp.ClientError, TimeoutError, MetricsError, UnicodeDecodeError) as error:
+            self._gate.fail_scrape(url, str(error) or type(error).__name__)
+            return
+        self._gate.end_scrape(url, reading)

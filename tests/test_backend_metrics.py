@@ -1,0 +1,166 @@
+"""Reading model servers' metrics: the parser, the scraper over real HTTP against the
+demo backend, the settings that turn it on, and how the service shows the gate."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+from pydantic import ValidationError
+
+from extproc.capacity import StaticCapacity
+from extproc.cli import main
+from extproc.clock import SystemClock
+from extproc.config import Settings
+from extproc.demo_backend import make_demo_app
+from extproc.saturation import MetricsCapacity, MetricsError, SaturationOptions, parse_reading
+from extproc.scraper import Scraper
+
+from .conftest import StartService
+from .test_metrics import scrape
+
+VLLM_OLD = """# HELP vllm:num_requests_waiting Number of requests waiting.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="a"} 3.0
+vllm:num_requests_waiting{model_name="b"} 2.0
+# TYPE vllm:gpu_cache_usage_perc gauge
+vllm:gpu_cache_usage_perc{model_name="a"} 0.25
+# TYPE vllm:e2e_request_latency_seconds histogram
+vllm:e2e_request_latency_seconds_bucket{le="1.0",model_name="a"} 7.0
+"""
+
+
+def test_reads_old_and_new_vllm_names_summing_waiting_over_series() -> None:
+    reading = parse_reading(VLLM_OLD, SaturationOptions())
+    assert (reading.waiting, reading.kv_cache_usage) == (5.0, 0.25)
+    new = VLLM_OLD.replace("gpu_cache_usage_perc", "kv_cache_usage_perc")
+    assert parse_reading(new, SaturationOptions()).kv_cache_usage == 0.25
+
+
+def test_names_are_configurable_and_kv_cache_is_optional() -> None:
+    text = "sglang:num_queue_reqs 4\n"
+    options = SaturationOptions(waiting_metrics=("sglang:num_queue_reqs",))
+    assert parse_reading(text, options).waiting == 4
+    assert parse_reading(text, options).kv_cache_usage is None
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [("up 1\n", "no vllm:num_requests_waiting"), ("vllm:num_requests_waiting{ 1\n", "unparsable")],
+)
+def test_a_page_without_the_waiting_series_is_an_error(text: str, problem: str) -> None:
+    with pytest.raises(MetricsError, match=problem):
+        parse_reading(text, SaturationOptions())
+
+
+@pytest.fixture
+async def demo_backend() -> AsyncIterator[str]:
+    runner = web.AppRunner(make_demo_app(concurrency=1, tokens=4, duration=0.4))
+    await runner.setup()
+    sock = socket.create_server(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    await runner.cleanup()
+
+
+def refused_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/metrics"  # closed on return
+
+
+async def test_scraper_reads_the_demo_backends_real_load(demo_backend: str) -> None:
+    gate = MetricsCapacity([f"{demo_backend}/metrics"], SystemClock(), StaticCapacity(0))
+    scraper = Scraper(gate, interval=0.05)
+    async with aiohttp.ClientSession() as http:
+        requests = [asyncio.create_task(_get(http, demo_backend)) for _ in range(3)]
+        await asyncio.sleep(0.2)  # one running, two waiting inside the server
+        await scraper.start()
+        try:
+            [endpoint] = gate.status().endpoints
+            assert endpoint.waiting == 2
+            assert endpoint.errors == 0
+            assert endpoint.kv_cache_usage is not None
+            assert 0 < endpoint.kv_cache_usage < 1
+            await asyncio.gather(*requests)
+            await asyncio.sleep(0.2)
+            assert gate.status().endpoints[0].waiting == 0
+        finally:
+            await scraper.stop()
+        async with http.get(f"{demo_backend}/metrics") as reply:
+            assert "demo_backend_max_waiting 2" in await reply.text()
+
+
+async def _get(http: aiohttp.ClientSession, base: str) -> None:
+    async with http.get(base + "/") as reply:
+        await reply.read()
+
+
+async def test_an_unreachable_endpoint_counts_errors_and_hands_over_to_the_static_limit() -> None:
+    options = SaturationOptions(stale_after=0.2)
+    gate = MetricsCapacity([refused_url()], SystemClock(), StaticCapacity(2), options)
+    scraper = Scraper(gate, interval=0.05)
+    await scraper.start()
+    try:
+        await asyncio.sleep(0.3)
+        status = gate.status()
+        assert status.fallback is True
+        assert status.endpoints[0].errors >= 3
+        assert "connect" in status.endpoints[0].last_error.lower()
+        assert (gate.has_room(1), gate.has_room(2)) == (True, False)
+    finally:
+        await scraper.stop()
+
+
+def test_settings_for_the_metrics_gate(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValidationError, match="needs at least one --backend-metrics-url"):
+        Settings(capacity="metrics")
+    with pytest.raises(ValidationError, match="http:// or https://"):
+        Settings(capacity="metrics", backend_metrics_url=["127.0.0.1:8000/metrics"])
+    with pytest.raises(ValidationError, match="needs --max-concurrency"):
+        Settings(capacity="adaptive")
+    monkeypatch.setenv("EXTPROC_BACKEND_METRICS_URL", "http://a:1/metrics, http://b:2/metrics")
+    settings = Settings(capacity="metrics")
+    assert settings.backend_metrics_url == ["http://a:1/metrics", "http://b:2/metrics"]
+
+
+def test_the_url_flag_repeats(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["config", "show", "--capacity", "metrics"]
+    argv += ["--backend-metrics-url", "http://a:1/m", "--backend-metrics-url", "http://b:2/m"]
+    assert main(argv) == 0
+    assert "- http://a:1/m\n- http://b:2/m" in capsys.readouterr().out
+
+
+async def test_the_service_shows_its_gate_in_metrics_json_and_top(
+    start_service: StartService, demo_backend: str
+) -> None:
+    url = f"{demo_backend}/metrics"
+    service = await start_service(capacity="metrics", backend_metrics_url=[url], max_concurrency=8)
+    samples = await scrape(service)
+    assert samples["extproc_capacity_saturation", ()] == 0
+    assert samples["extproc_capacity_fallback", ()] == 0
+    assert samples["extproc_backend_waiting_requests", (("endpoint", url),)] == 0
+    assert samples["extproc_backend_scrape_errors_total", (("endpoint", url),)] == 0
+    assert samples["extproc_backend_scrape_age_seconds", (("endpoint", url),)] < 1
+    assert samples["extproc_max_concurrency", ()] == 8
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{service.admin_port}/v1/capacity") as reply,
+    ):
+        body = await reply.json()
+    assert (body["mode"], body["limit"], body["endpoints"][0]["url"]) == ("metrics", 8, url)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "extproc", "top", "--once",
+        "--address", f"127.0.0.1:{service.grpc_port}",
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    output, _ = await asyncio.wait_for(process.communicate(), 30)
+    frame = output.decode()
+    assert "capacity metrics   limit 8   saturation 0.00" in frame
+    assert f"{url}   waiting 0   kv 0%" in frame
