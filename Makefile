@@ -31,7 +31,9 @@ $(GENERATED): $(PROTOS) protos/generate.py $(STAMP)
 run: install
 	CAPACITY=$(CAPACITY) bash envoy/run-local.sh $(ARGS)
 
+# The shared-registry tests start their own redis-server (Debian's package).
 test: install
+	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	$(BIN)/python -m pytest
 
 # Not part of `make test`: timings belong here, on a quiet machine.

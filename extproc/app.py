@@ -36,10 +36,11 @@ from extproc.api.v1 import registry_pb2, registry_pb2_grpc
 from extproc.auth import BearerToken
 from extproc.capacity import StaticCapacity
 from extproc.clock import SystemClock
-from extproc.config import Settings, parse_address
+from extproc.config import Settings, parse_address, redact_url
 from extproc.context import ContextParser
 from extproc.contracts import Capacity, Clock
 from extproc.datastore import RegistryDatastore
+from extproc.fleet import FleetOptions, FleetSync, LeasedCapacity
 from extproc.metrics import Metrics
 from extproc.policies import make_policy
 from extproc.queue import FlowController
@@ -48,6 +49,7 @@ from extproc.registry import InMemoryWorkloadRegistry
 from extproc.saturation import MetricsCapacity
 from extproc.scraper import Scraper
 from extproc.server import ExternalProcessorService
+from extproc.shared_registry import SharedWorkloadRegistry
 
 # Envoy's message timeout is extended by this much beyond the queue timeout, so
 # that the queue, not Envoy, decides when a held request has waited too long.
@@ -70,12 +72,18 @@ class Service:
     def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         self.settings = settings
         clock = clock or SystemClock()
-        self.registry = InMemoryWorkloadRegistry(
+        local = InMemoryWorkloadRegistry(
             clock,
             ema_alpha=settings.wait_ema_alpha,
             rate_window=settings.rate_window,
             max_workloads=settings.max_workloads,
             idle_ttl=settings.workload_idle_ttl,
+        )
+        shared = settings.registry != "memory"
+        self.registry: InMemoryWorkloadRegistry | SharedWorkloadRegistry = (
+            SharedWorkloadRegistry(local, clock, stale_after=settings.registry_lease)
+            if shared
+            else local
         )
         self.datastore = RegistryDatastore(self.registry)
         policy = make_policy(settings.policy, self.datastore, clock, settings.policy_options())
@@ -92,8 +100,22 @@ class Service:
             max_queue=settings.max_queue,
             queue_timeout=settings.queue_timeout,
         )
+        self.fleet = (
+            FleetSync(
+                self.registry,
+                _fleet_options(settings),
+                lambda: (self.flow.in_flight, self.flow.queued),
+                self.capacity if isinstance(self.capacity, LeasedCapacity) else None,
+            )
+            if isinstance(self.registry, SharedWorkloadRegistry)
+            else None
+        )
         self.reader = WorkloadReader(self.datastore, self.flow)
-        self.metrics = Metrics(self.reader, settings.metrics_top_workloads)
+        self.metrics = Metrics(
+            self.reader,
+            settings.metrics_top_workloads,
+            self.fleet.status if self.fleet is not None else None,
+        )
         self.flow.on_pick = self.metrics.decision.observe
         parser = ContextParser(
             settings.default_workload if settings.on_missing_context == "default" else None
@@ -142,13 +164,16 @@ class Service:
         self._sweeper = asyncio.create_task(self._sweep_forever())
         if self._scraper is not None:
             await self._scraper.start()
+        if self.fleet is not None:
+            await self.fleet.start()
         await self._set_ready(True)
         self._log.info(
             "serving",
             grpc=self.settings.listen.rsplit(":", 1)[0] + f":{self.grpc_port}",
             admin=self.settings.admin_listen.rsplit(":", 1)[0] + f":{self.admin_port}",
             policy=self.settings.policy,
-            capacity=self.settings.capacity,
+            capacity=self.capacity.name,
+            registry=redact_url(self.settings.registry),
             tls="mutual" if self.settings.tls_client_ca else bool(self.settings.tls_cert),
             max_concurrency=self.settings.max_concurrency,
             max_queue=self.settings.max_queue,
@@ -170,6 +195,8 @@ class Service:
             self._sweeper = None
         if self._scraper is not None:
             await self._scraper.stop()
+        if self.fleet is not None:
+            await self.fleet.stop()
         if self._server is not None:
             await self._server.stop(0)
             self._server = None
@@ -224,6 +251,9 @@ class Service:
 
 
 def make_capacity(settings: Settings, clock: Clock) -> Capacity:
+    shared = settings.registry != "memory"
+    if shared and settings.capacity == "static" and settings.max_concurrency > 0:
+        return LeasedCapacity(settings.max_concurrency, clock, settings.registry_lease)
     static = StaticCapacity(settings.max_concurrency)
     if settings.capacity == "metrics":
         return MetricsCapacity(
@@ -232,6 +262,18 @@ def make_capacity(settings: Settings, clock: Clock) -> Capacity:
     if settings.capacity == "adaptive":
         return AdaptiveCapacity(clock, settings.adaptive_options())
     return static
+
+
+def _fleet_options(settings: Settings) -> FleetOptions:
+    return FleetOptions(
+        url=settings.registry,
+        interval=settings.registry_sync_interval,
+        lease=settings.registry_lease,
+        prefix=settings.registry_prefix,
+        rate_window=settings.rate_window,
+        ema_alpha=settings.wait_ema_alpha,
+        idle_ttl=settings.workload_idle_ttl,
+    )
 
 
 async def _within(seconds: float, waiting: Coroutine[None, None, None]) -> None:

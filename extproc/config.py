@@ -41,6 +41,14 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and `config show`."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest
+
+
 class ConfigFileError(ValueError):
     """The config file cannot be read as settings; the message names where."""
 
@@ -90,7 +98,12 @@ def public_view(settings: Settings) -> dict[str, object]:
     """The settings as `config show` prints them: flag spelling, secrets masked."""
     view: dict[str, object] = {}
     for name, value in settings.model_dump(mode="json").items():
-        view[name.replace("_", "-")] = "***" if name == "admin_token" and value else value
+        shown = value
+        if name == "admin_token" and value:
+            shown = "***"
+        elif name == "registry":
+            shown = redact_url(str(value))
+        view[name.replace("_", "-")] = shown
     return view
 
 
@@ -137,6 +150,18 @@ class Settings(BaseSettings):
     adaptive_probe_interval: float = Field(
         60.0, gt=0, description="adaptive: re-measure the no-load latency this often, s"
     )
+    registry: str = Field(
+        "memory",
+        description="memory (this replica alone), or redis://HOST:PORT/DB to share workloads "
+        "and --max-concurrency across replicas",
+    )
+    registry_sync_interval: float = Field(
+        0.1, gt=0, le=10, description="redis: seconds between syncs with the fleet"
+    )
+    registry_lease: float = Field(
+        5.0, gt=0, description="redis: a replica silent this long loses its slots, s"
+    )
+    registry_prefix: str = Field("extproc", min_length=1, description="redis: key prefix")
     max_queue: int = Field(10_000, ge=0, description="requests waiting at once, all workloads")
     queue_timeout: float = Field(30.0, gt=0, le=3600, description="longest wait in the queue, s")
     policy: str = Field("workload-aware", description=f"one of {', '.join(sorted(POLICIES))}")
@@ -206,6 +231,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
         return value
 
+    @field_validator("registry")
+    @classmethod
+    def _registry(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected memory, redis://HOST:PORT/DB, rediss://... or unix://...")
+        return value
+
     @field_validator("policy")
     @classmethod
     def _policy(cls, value: str) -> str:
@@ -235,6 +267,8 @@ class Settings(BaseSettings):
     def _capacity_needs(self) -> Settings:
         if self.capacity == "metrics" and not self.backend_metrics_url:
             raise ValueError("--capacity metrics needs at least one --backend-metrics-url")
+        if self.registry_lease < 3 * self.registry_sync_interval:
+            raise ValueError("--registry-lease must be at least 3 x --registry-sync-interval")
         stale, interval = self.backend_metrics_stale, self.backend_metrics_interval
         if self.capacity == "metrics" and stale < interval:
             raise ValueError("--backend-metrics-stale must be >= --backend-metrics-interval")

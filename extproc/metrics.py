@@ -12,7 +12,9 @@ At scrape time (read from the queue and the registry, no request-path cost):
   extproc_capacity_latency_seconds and _min_latency_seconds (adaptive), and per
   model-server endpoint extproc_backend_waiting_requests,
   extproc_backend_kv_cache_usage, extproc_backend_scrape_age_seconds,
-  extproc_backend_scrape_errors_total; and per workload -- the N busiest by request rate,
+  extproc_backend_scrape_errors_total; with the Redis registry
+  extproc_fleet_connected, _replicas, _sync_errors_total, _sync_age_seconds;
+  and per workload -- the N busiest by request rate,
   the rest summed as workload="other", so cardinality stays bounded whatever
   ids clients send --
   extproc_workload_request_rate, extproc_workload_active_requests,
@@ -21,7 +23,7 @@ At scrape time (read from the queue and the registry, no request-path cost):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -29,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from extproc.contracts import CapacityStatus
+from extproc.fleet import FleetStatus
 from extproc.readapi import WorkloadReader, WorkloadStatus
 
 OTHER = "other"
@@ -37,7 +40,12 @@ _DECISION_BUCKETS = (1e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2)
 
 
 class Metrics:
-    def __init__(self, reader: WorkloadReader, top_workloads: int = 50) -> None:
+    def __init__(
+        self,
+        reader: WorkloadReader,
+        top_workloads: int = 50,
+        fleet: Callable[[], FleetStatus] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "extproc_requests",
@@ -65,6 +73,8 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_StateCollector(reader, top_workloads))
+        if fleet is not None:
+            self.registry.register(_FleetCollector(fleet))
         self._children: dict[str, tuple[Any, Any, Any]] = {}
 
     def record(self, outcome: str, queue_wait: float | None, rejected: bool) -> None:
@@ -112,6 +122,23 @@ class _StateCollector(Collector):
         if len(ranked) > self._top:
             families.add(OTHER, ranked[self._top :])
         return families.all()
+
+
+class _FleetCollector(Collector):
+    def __init__(self, status: Callable[[], FleetStatus]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterable[Metric]:
+        status = self._status()
+        yield _gauge("extproc_fleet_connected", "1 while syncs succeed.", status.connected)
+        yield _gauge("extproc_fleet_replicas", "Live replicas at the last sync.", status.replicas)
+        yield CounterMetricFamily(
+            "extproc_fleet_sync_errors", "Syncs with Redis that failed.", value=status.errors
+        )
+        if status.age is not None:
+            yield _gauge(
+                "extproc_fleet_sync_age_seconds", "Time since the last good sync.", status.age
+            )
 
 
 class _WorkloadFamilies:

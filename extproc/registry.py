@@ -143,6 +143,11 @@ class InMemoryWorkloadRegistry:
         with self._lock:
             return [_copy(wid, w, now) for wid, w in sorted(self._workloads.items())]
 
+    def active_counts(self) -> dict[str, int]:
+        """Every workload with active requests, and how many."""
+        with self._lock:
+            return {wid: w.active for wid, w in self._workloads.items() if w.active}
+
     def __len__(self) -> int:
         return len(self._workloads)
 

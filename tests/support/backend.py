@@ -54,7 +54,12 @@ class Backend:
     async def _work(self, request: web.Request) -> web.Response:
         """Busy for `?seconds=S`, like a model server generating."""
         self._arrive(request)
-        await asyncio.sleep(float(request.query["seconds"]))
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await asyncio.sleep(float(request.query["seconds"]))
+        finally:
+            self.running -= 1
         return web.Response(text="ok")
 
     async def _drip(self, request: web.Request) -> web.StreamResponse:

@@ -47,6 +47,10 @@ class ServeProcess:
             pass
 
     @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    @property
     def pid(self) -> int:
         assert self._process is not None
         return self._process.pid

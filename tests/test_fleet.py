@@ -1,0 +1,180 @@
+"""Replicas sharing one real Redis: counts, leased capacity, lost replies, outages.
+
+The replicas here are registries and fleet syncs in one process (no gRPC), so
+each step is explicit; tests/test_e2e_fleet.py runs real replicas behind Envoy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from pydantic import ValidationError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from extproc.clock import SystemClock
+from extproc.config import Settings, public_view
+from extproc.fleet import FleetOptions, FleetSync, LeasedCapacity
+from extproc.registry import InMemoryWorkloadRegistry
+from extproc.shared_registry import SharedWorkloadRegistry
+
+from .support.redis_server import RedisServer
+
+
+class Replica:
+    def __init__(self, url: str, capacity: int = 0, lease: float = 5.0) -> None:
+        clock = SystemClock()
+        self.registry = SharedWorkloadRegistry(
+            InMemoryWorkloadRegistry(clock), clock, stale_after=lease
+        )
+        self.capacity = LeasedCapacity(capacity, clock, lease) if capacity else None
+        self.demand = (0, 0)
+        self.fleet = FleetSync(
+            self.registry,
+            FleetOptions(url=url, lease=lease, prefix="test"),
+            lambda: self.demand,
+            self.capacity,
+        )
+
+    def new(self, workload: str, count: int = 1) -> None:
+        for _ in range(count):
+            self.registry.increment_active(workload)
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisServer]:
+    server = RedisServer()
+    await server.start()
+    yield server
+    await server.close()
+
+
+MakeReplica = Callable[..., Awaitable[Replica]]
+
+
+@pytest.fixture
+async def replica(redis_server: RedisServer) -> AsyncIterator[MakeReplica]:
+    made: list[Replica] = []
+
+    async def make(**options: object) -> Replica:
+        replica = Replica(redis_server.url, **options)  # type: ignore[arg-type]
+        made.append(replica)
+        return replica
+
+    yield make
+    for r in made:
+        await r.fleet.stop()
+
+
+async def test_each_replica_sees_the_fleets_counts(replica: MakeReplica) -> None:
+    a, b = await replica(), await replica()
+    a.new("team", 3)
+    b.new("team", 2)
+    b.registry.record_dispatch("team", 0.5)
+    assert a.registry.get_metrics("team").total_requests == 3  # type: ignore[union-attr]
+    assert await a.fleet.sync()
+    assert await b.fleet.sync()
+    assert await a.fleet.sync()
+    seen_by_a = a.registry.get_metrics("team")
+    assert seen_by_a is not None
+    assert (seen_by_a.total_requests, seen_by_a.active_requests) == (5, 5)
+    assert (seen_by_a.dispatched_count, seen_by_a.average_wait_time) == (1, 0.5)
+    assert seen_by_a.request_rate == pytest.approx(5.0, rel=0.01)  # 5 in the first second
+    b.registry.decrement_active("team")
+    a.new("team")  # a's own events show at once, before any sync
+    assert await b.fleet.sync()
+    assert await a.fleet.sync()
+    now = a.registry.get_metrics("team")
+    assert now is not None
+    assert (now.total_requests, now.active_requests) == (6, 5)
+    assert [m.workload_id for m in b.registry.list_metrics()] == ["team"]
+
+
+async def test_a_sync_whose_reply_was_lost_is_not_counted_twice(replica: MakeReplica) -> None:
+    a, b = await replica(), await replica()
+    run_script = a.fleet._script
+
+    async def reply_lost(**kwargs: object) -> object:
+        await run_script(**kwargs)  # type: ignore[arg-type]
+        raise RedisTimeoutError("Timeout reading from socket")
+
+    a.new("team", 4)
+    a.fleet._script = reply_lost  # type: ignore[assignment]
+    assert await a.fleet.sync() is False
+    a.fleet._script = run_script
+    a.new("team", 1)
+    assert await a.fleet.sync()
+    assert await b.fleet.sync()
+    assert b.registry.get_metrics("team").total_requests == 5  # type: ignore[union-attr]
+
+
+async def test_capacity_is_shared_fairly_and_never_oversold(replica: MakeReplica) -> None:
+    a, b = await replica(capacity=4), await replica(capacity=4)
+    assert a.capacity is not None
+    assert b.capacity is not None
+    a.demand = b.demand = (0, 10)
+    for _ in range(3):
+        await a.fleet.sync()
+        await b.fleet.sync()
+        assert a.capacity.limit + b.capacity.limit <= 4
+    assert (a.capacity.limit, b.capacity.limit) == (2, 2)
+    a.demand = (1, 0)  # a needs one; b may have the rest
+    await a.fleet.sync()
+    await b.fleet.sync()
+    assert (a.capacity.limit, b.capacity.limit) == (1, 3)
+    a.demand = (0, 0)  # idle: spare slots are spread as headroom
+    b.demand = (0, 0)
+    await a.fleet.sync()
+    await b.fleet.sync()
+    await a.fleet.sync()
+    assert (a.capacity.limit, b.capacity.limit) == (2, 2)
+
+
+async def test_a_silent_replicas_slots_come_back_after_its_lease(replica: MakeReplica) -> None:
+    a, b = await replica(capacity=4, lease=0.5), await replica(capacity=4, lease=0.5)
+    assert a.capacity is not None
+    assert b.capacity is not None
+    a.demand = b.demand = (2, 10)
+    await a.fleet.sync()
+    await b.fleet.sync()
+    assert b.capacity.limit == 2
+    await asyncio.sleep(0.6)  # a goes silent, as if killed
+    await b.fleet.sync()
+    assert b.capacity.limit == 4
+    assert b.fleet.status().replicas == 1
+
+
+async def test_redis_down_the_replica_serves_locally_and_reconciles(
+    replica: MakeReplica, redis_server: RedisServer
+) -> None:
+    a, b = await replica(capacity=4, lease=0.5), await replica()
+    assert a.capacity is not None
+    a.demand = (1, 0)
+    a.new("team", 2)
+    assert await a.fleet.sync()
+    await redis_server.stop()
+    a.new("team", 3)
+    assert await a.fleet.sync() is False
+    assert a.fleet.status().connected is False
+    assert a.capacity.limit == 4  # slots still leased: Redis counts them as a's
+    await asyncio.sleep(0.6)
+    assert a.registry.get_metrics("team").total_requests == 5  # type: ignore[union-attr]
+    assert a.capacity.status().fallback is True
+    assert a.capacity.limit == 4  # C / the one replica it knew of
+    await redis_server.start()
+    assert await a.fleet.sync()
+    assert await b.fleet.sync()
+    team = b.registry.get_metrics("team")
+    assert team is not None
+    assert (team.total_requests, team.active_requests) == (5, 5)
+    assert a.fleet.status().connected is True
+
+
+def test_registry_settings() -> None:
+    with pytest.raises(ValidationError, match="expected memory, redis://"):
+        Settings(registry="localhost:6379")
+    with pytest.raises(ValidationError, match="at least 3 x --registry-sync-interval"):
+        Settings(registry="redis://r:6379/0", registry_lease=0.2)
+    settings = Settings(registry="redis://user:secret@r:6379/0")
+    assert public_view(settings)["registry"] == "redis://***@r:6379/0"
