@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 GENERATED := extproc/api/v1/registry_pb2.py
 CAPACITY ?= static
+REPLICAS ?= 1
 ARGS ?=
 
 .PHONY: all install protos run test lint format fairness-report bench clean
@@ -27,9 +28,9 @@ protos: $(GENERATED)
 $(GENERATED): $(PROTOS) protos/generate.py $(STAMP)
 	$(BIN)/python protos/generate.py .
 
-# make run CAPACITY=metrics|adaptive ARGS='--policy fair-share'
+# make run CAPACITY=metrics|adaptive REPLICAS=2 ARGS='--policy fair-share'
 run: install
-	CAPACITY=$(CAPACITY) bash envoy/run-local.sh $(ARGS)
+	CAPACITY=$(CAPACITY) REPLICAS=$(REPLICAS) bash envoy/run-local.sh $(ARGS)
 
 # The shared-registry tests start their own redis-server (Debian's package).
 test: install

@@ -4,11 +4,13 @@ One run, one machine, one Envoy build and the same processing modes:
   (a) Envoy alone (no ext_proc filter);
   (b) Envoy + a do-nothing grpc.aio processor (bench/null_processor.py);
   (c) Envoy + workload-extproc, capacity unlimited, 20 workloads;
-  (d) the same with --max-concurrency 4, so requests queue.
+  (d) the same with --max-concurrency 4, so requests queue;
+  (e) as (c) with the shared registry on a local redis-server (--registry redis://);
+  (f) two replicas of (e), both in Envoy's ext_proc cluster.
 The backend is a second Envoy answering with `direct_response`, so it is never
 the bottleneck. For each: requests/s at saturation (wrk, 64 connections),
 p50/p99 latency at 25% of (b)'s saturation rate (wrk paced per connection), and
-the processor's CPU-seconds per 1,000 requests. Each measurement is repeated
+the processors' CPU-seconds per 1,000 requests. Each measurement is repeated
 and the median reported. Writes bench/results.json and bench/results.md.
 """
 
@@ -33,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support.envoy import Envoy, bundled_config  # noqa: E402
 from tests.support.process import free_port  # noqa: E402
+from tests.support.redis_server import RedisServer  # noqa: E402
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "8"))
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
@@ -100,8 +103,15 @@ def backend_config(port: int) -> dict[str, Any]:
     }
 
 
-def proxy_config(processor_port: int, backend_port: int, with_ext_proc: bool) -> dict[str, Any]:
-    config = bundled_config(processor_port, backend_port)
+def proxy_config(ports: list[int], backend_port: int, with_ext_proc: bool) -> dict[str, Any]:
+    config = bundled_config(ports[0], backend_port)
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == "workload_extproc":
+            endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            for port in ports[1:]:
+                endpoint = json.loads(json.dumps(endpoints[0]))
+                endpoint["endpoint"]["address"]["socket_address"]["port_value"] = port
+                endpoints.append(endpoint)
     if not with_ext_proc:
         manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
         filters = manager["typed_config"]["http_filters"]
@@ -112,23 +122,30 @@ def proxy_config(processor_port: int, backend_port: int, with_ext_proc: bool) ->
 
 
 @asynccontextmanager
-async def processor(command: list[str] | None) -> AsyncIterator[tuple[int, int | None]]:
-    """Start the processor; yields (port, pid)."""
-    port = free_port()
+async def processors(
+    command: list[str] | None, replicas: int
+) -> AsyncIterator[tuple[list[int], list[int]]]:
+    """Start `replicas` processors; yields (ports, pids)."""
+    ports = [free_port() for _ in range(replicas)]
     if command is None:
-        yield port, None
+        yield ports, []
         return
-    process = await asyncio.create_subprocess_exec(
-        *[c.replace("{address}", f"127.0.0.1:{port}") for c in command],
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    await wait_for_port(port)
+    started = [
+        await asyncio.create_subprocess_exec(
+            *[c.replace("{address}", f"127.0.0.1:{port}") for c in command],
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        for port in ports
+    ]
+    for port in ports:
+        await wait_for_port(port)
     try:
-        yield port, process.pid
+        yield ports, [p.pid for p in started]
     finally:
-        process.terminate()
-        await process.wait()
+        for process in started:
+            process.terminate()
+            await process.wait()
 
 
 async def wait_for_port(port: int) -> None:
@@ -142,11 +159,12 @@ async def wait_for_port(port: int) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def cpu_seconds(pid: int | None) -> float:
-    if pid is None:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
 
 
 def wrk(url: str, connections: int, delay_ms: float = 0.0) -> dict[str, float]:
@@ -166,23 +184,30 @@ def wrk(url: str, connections: int, delay_ms: float = 0.0) -> dict[str, float]:
     return result
 
 
-async def measure(
-    name: str, command: list[str] | None, with_ext_proc: bool, paced_rps: float | None
-) -> tuple[Measurement, float]:
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    command: list[str] | None
+    with_ext_proc: bool = True
+    replicas: int = 1
+
+
+async def measure(setup: Setup, paced_rps: float | None) -> tuple[Measurement, float]:
     backend_port = free_port()
     backend = Envoy(backend_config(backend_port), concurrency=1)
     await backend.start()
     try:
-        async with processor(command) as (port, pid):
-            proxy = Envoy(proxy_config(port, backend_port, with_ext_proc), concurrency=1)
+        async with processors(setup.command, setup.replicas) as (ports, pids):
+            config = proxy_config(ports, backend_port, setup.with_ext_proc)
+            proxy = Envoy(config, concurrency=1)
             await proxy.start()
             url = f"http://127.0.0.1:{proxy.port}/"
             try:
                 wrk(url, 16)  # warm up
-                before = cpu_seconds(pid)
+                before = cpu_seconds(pids)
                 loop = asyncio.get_running_loop()
                 saturated = await loop.run_in_executor(None, wrk, url, 64)
-                cpu = cpu_seconds(pid) - before
+                cpu = cpu_seconds(pids) - before
                 target = paced_rps or saturated["rps"] * 0.25
                 connections = 10
                 delay = max(connections * 1000 / target - 1.0, 0.0)
@@ -191,8 +216,8 @@ async def measure(
                 await proxy.stop()
     finally:
         await backend.stop()
-    per_1000 = cpu / saturated["requests"] * 1000 if pid else None
-    measurement = Measurement(name, saturated["rps"], paced["p50"], paced["p99"], per_1000)
+    per_1000 = cpu / saturated["requests"] * 1000 if pids else None
+    measurement = Measurement(setup.name, saturated["rps"], paced["p50"], paced["p99"], per_1000)
     return measurement, saturated["errors"]
 
 
@@ -208,6 +233,15 @@ def median(runs: list[Measurement]) -> Measurement:
 
 
 async def main() -> int:
+    redis = RedisServer()
+    await redis.start()
+    try:
+        return await compare(redis.url)
+    finally:
+        await redis.close()
+
+
+async def compare(redis_url: str) -> int:
     python = sys.executable
     extproc = [
         python,
@@ -221,31 +255,31 @@ async def main() -> int:
         "--log-format",
         "json",
     ]
-    configs = {
-        "a": ("(a) Envoy alone", None, False),
-        "b": (
+    shared = [*extproc, "--registry", redis_url, "--registry-prefix", "bench"]
+    setups = {
+        "a": Setup("(a) Envoy alone", None, with_ext_proc=False),
+        "b": Setup(
             "(b) Envoy + null processor",
             [python, str(ROOT / "bench" / "null_processor.py"), "{address}"],
-            True,
         ),
-        "c": ("(c) Envoy + workload-extproc", extproc, True),
-        "d": (
-            "(d) workload-extproc, --max-concurrency 4",
-            [*extproc, "--max-concurrency", "4"],
-            True,
+        "c": Setup("(c) Envoy + workload-extproc", extproc),
+        "d": Setup(
+            "(d) workload-extproc, --max-concurrency 4", [*extproc, "--max-concurrency", "4"]
         ),
+        "e": Setup("(e) workload-extproc, --registry redis", shared),
+        "f": Setup("(f) two replicas, --registry redis", shared, replicas=2),
     }
-    runs: dict[str, list[Measurement]] = {key: [] for key in configs}
+    runs: dict[str, list[Measurement]] = {key: [] for key in setups}
     paced_rps: float | None = None
     for repeat in range(REPEATS):
-        for key, (name, command, with_ext_proc) in configs.items():
-            measurement, errors = await measure(name, command, with_ext_proc, paced_rps)
+        for key, setup in setups.items():
+            measurement, errors = await measure(setup, paced_rps)
             if key == "b" and paced_rps is None:
                 paced_rps = measurement.saturation_rps * 0.25
             runs[key].append(measurement)
             print(f"run {repeat + 1}: {measurement} non-2xx={errors:.0f}", flush=True)
     results = {key: median(r) for key, r in runs.items()}
-    a, b, c, d = (results[k] for k in "abcd")
+    a, b, c, d, e = (results[k] for k in "abcde")
     summary = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "python": platform.python_version(),
@@ -256,6 +290,8 @@ async def main() -> int:
         "c_over_b_rps": c.saturation_rps / b.saturation_rps,
         "c_minus_a_p50_ms": c.p50_ms - a.p50_ms,
         "d_rps": d.saturation_rps,
+        "e_over_c_rps": e.saturation_rps / c.saturation_rps,
+        "e_minus_c_p50_ms": e.p50_ms - c.p50_ms,
     }
     (ROOT / "bench" / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = render(summary, results)
@@ -281,7 +317,9 @@ def render(summary: dict[str, Any], results: dict[str, Measurement]) -> str:
     lines += [
         "",
         f"(c) reaches {summary['c_over_b_rps']:.0%} of (b)'s requests/s; its p50 is "
-        f"{summary['c_minus_a_p50_ms']:+.2f} ms from (a)'s.",
+        f"{summary['c_minus_a_p50_ms']:+.2f} ms from (a)'s. The Redis registry (e) runs at "
+        f"{summary['e_over_c_rps']:.0%} of (c)'s requests/s, p50 "
+        f"{summary['e_minus_c_p50_ms']:+.2f} ms.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,7 @@ trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT INT TERM
 
 # CAPACITY=static|metrics|adaptive (make run CAPACITY=metrics): which gate decides
 # how many requests reach the demo backend, which runs 4 at once.
+SHARED=()
 case "${CAPACITY:-static}" in
   static) GATE=(--max-concurrency 4) ;;
   metrics) GATE=(--capacity metrics --backend-metrics-url http://127.0.0.1:8000/metrics
@@ -18,8 +19,30 @@ case "${CAPACITY:-static}" in
 esac
 
 "$BIN/extproc" demo-backend --listen 127.0.0.1:8000 --concurrency 4 &
-"$BIN/extproc" serve "${GATE[@]}" --log-format console "$@" &
-"$BIN/envoy" -c envoy/envoy.yaml --disable-hot-restart --concurrency 2 --log-level warning &
+CONFIG=envoy/envoy.yaml
+if [ "${REPLICAS:-1}" = 2 ]; then
+  # make run REPLICAS=2: two replicas share one Redis (started here on :6379) and
+  # one fleet-wide limit; Envoy's ext_proc cluster gets the second as an endpoint.
+  command -v redis-server >/dev/null || { echo "REPLICAS=2 needs redis-server (apt-get install redis-server)" >&2; exit 2; }
+  redis-server --port 6379 --bind 127.0.0.1 --save "" --appendonly no --loglevel warning &
+  SHARED=(--registry redis://127.0.0.1:6379/0)
+  "$BIN/extproc" serve "${GATE[@]}" "${SHARED[@]}" --listen 127.0.0.1:9012 \
+    --admin-listen 127.0.0.1:9013 --log-format console "$@" &
+  CONFIG=$(mktemp --suffix .yaml)
+  "$BIN/python" - "$CONFIG" <<'PY'
+import copy, sys, yaml
+config = yaml.safe_load(open("envoy/envoy.yaml"))
+for cluster in config["static_resources"]["clusters"]:
+    if cluster["name"] == "workload_extproc":
+        endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        second = copy.deepcopy(endpoints[0])
+        second["endpoint"]["address"]["socket_address"]["port_value"] = 9012
+        endpoints.append(second)
+yaml.safe_dump(config, open(sys.argv[1], "w"))
+PY
+fi
+"$BIN/extproc" serve "${GATE[@]}" "${SHARED[@]}" --log-format console "$@" &
+"$BIN/envoy" -c "$CONFIG" --disable-hot-restart --concurrency 2 --log-level warning &
 
 "$BIN/python" - <<'PY'
 import time, urllib.request

@@ -19,7 +19,9 @@ from extproc.fleet import FleetOptions, FleetSync, LeasedCapacity
 from extproc.registry import InMemoryWorkloadRegistry
 from extproc.shared_registry import SharedWorkloadRegistry
 
+from .conftest import StartService
 from .support.redis_server import RedisServer
+from .test_metrics import scrape
 
 
 class Replica:
@@ -178,3 +180,15 @@ def test_registry_settings() -> None:
         Settings(registry="redis://r:6379/0", registry_lease=0.2)
     settings = Settings(registry="redis://user:secret@r:6379/0")
     assert public_view(settings)["registry"] == "redis://***@r:6379/0"
+
+
+async def test_the_service_reports_its_fleet(
+    start_service: StartService, redis_server: RedisServer
+) -> None:
+    service = await start_service(registry=redis_server.url, max_concurrency=6)
+    samples = await scrape(service)
+    assert samples["extproc_fleet_connected", ()] == 1
+    assert samples["extproc_fleet_replicas", ()] == 1
+    assert samples["extproc_fleet_sync_errors_total", ()] == 0
+    assert samples["extproc_max_concurrency", ()] == 6  # alone: the whole fleet's limit
+    assert service.flow.capacity.status().mode == "fleet"
