@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
+from extproc.capacity import Gate
 from extproc.contracts import CapacityStatus, Clock
 
 
@@ -53,17 +53,17 @@ class AdaptiveOptions:
             raise ValueError("need 1 <= min_limit <= max_limit")
 
 
-class AdaptiveCapacity:
+class AdaptiveCapacity(Gate):
     name = "adaptive"
     wants_first_byte = True
 
     def __init__(self, clock: Clock, options: AdaptiveOptions) -> None:
+        super().__init__()
         self._clock = clock
         self.options = options
         self._limit = float(options.min_limit)
         self._min_latency: float | None = None
         self._latency: float | None = None
-        self._wake: Callable[[], None] = lambda: None
         self._log = structlog.get_logger("extproc.capacity")
         now = clock.now()
         self._probing = True
@@ -79,9 +79,6 @@ class AdaptiveCapacity:
     def limit(self) -> int:
         return self.options.min_limit if self._probing else int(self._limit)
 
-    def bind(self, wake: Callable[[], None]) -> None:
-        self._wake = wake
-
     def has_room(self, in_flight: int) -> bool:
         if in_flight < self.limit:
             return True
@@ -90,9 +87,6 @@ class AdaptiveCapacity:
 
     def on_dispatch(self) -> None:
         self._dispatches += 1
-
-    def on_release(self) -> None:
-        pass
 
     def on_latency(self, seconds: float, dispatched_at: float) -> None:
         if self._probing:

@@ -1,7 +1,8 @@
-"""The static capacity gate: at most C requests in flight (`--max-concurrency`; 0 = no limit).
+"""Capacity gates: the shared base, and the static gate -- at most C requests in flight
+(`--max-concurrency`; 0 = no limit).
 
-It is also the floor the other gates stand on: `saturation` falls back to it
-when its metrics go stale, and `adaptive` never exceeds it.
+The static gate is also the floor the others stand on: `saturation` falls
+back to it when its metrics go stale, and `adaptive` never exceeds it.
 """
 
 from __future__ import annotations
@@ -11,20 +12,18 @@ from collections.abc import Callable
 from extproc.contracts import CapacityStatus
 
 
-class StaticCapacity:
-    name = "static"
+class Gate:
+    """What every gate shares: the wake callback, and request hooks that do nothing
+    until a gate needs them."""
+
+    name = "gate"
     wants_first_byte = False
 
-    def __init__(self, limit: int = 0) -> None:
-        if limit < 0:
-            raise ValueError("the in-flight limit must be >= 0")
-        self.limit = limit
+    def __init__(self) -> None:
+        self._wake: Callable[[], None] = lambda: None
 
     def bind(self, wake: Callable[[], None]) -> None:
-        """A fixed limit never grows by itself: nothing to wake."""
-
-    def has_room(self, in_flight: int) -> bool:
-        return self.limit == 0 or in_flight < self.limit
+        self._wake = wake
 
     def on_dispatch(self) -> None:
         pass
@@ -34,6 +33,19 @@ class StaticCapacity:
 
     def on_release(self) -> None:
         pass
+
+
+class StaticCapacity(Gate):
+    name = "static"
+
+    def __init__(self, limit: int = 0) -> None:
+        super().__init__()
+        if limit < 0:
+            raise ValueError("the in-flight limit must be >= 0")
+        self.limit = limit
+
+    def has_room(self, in_flight: int) -> bool:
+        return self.limit == 0 or in_flight < self.limit
 
     def status(self) -> CapacityStatus:
         return CapacityStatus(self.name, self.limit)

@@ -41,6 +41,7 @@ from redis import asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from extproc.capacity import Gate
 from extproc.config import redact_url
 from extproc.contracts import CapacityStatus, Clock
 from extproc.shared_registry import FleetCounts, SharedWorkloadRegistry
@@ -69,23 +70,19 @@ class FleetStatus:
     """Seconds since the last successful sync; None before the first."""
 
 
-class LeasedCapacity:
+class LeasedCapacity(Gate):
     """At most the slots this replica was granted in flight (see module docstring)."""
 
     name = "fleet"
-    wants_first_byte = False
 
     def __init__(self, limit: int, clock: Clock, lease: float) -> None:
+        super().__init__()
         self.fleet_limit = limit
         self._clock = clock
         self._lease = lease
         self._granted = 0
         self._valid_until = -math.inf
         self._replicas = 1
-        self._wake: Callable[[], None] = lambda: None
-
-    def bind(self, wake: Callable[[], None]) -> None:
-        self._wake = wake
 
     def grant(self, slots: int, replicas: int) -> None:
         more = slots > self.limit
@@ -107,15 +104,6 @@ class LeasedCapacity:
 
     def has_room(self, in_flight: int) -> bool:
         return in_flight < self.limit
-
-    def on_dispatch(self) -> None:
-        pass
-
-    def on_latency(self, seconds: float, dispatched_at: float) -> None:
-        pass
-
-    def on_release(self) -> None:
-        pass
 
     def status(self) -> CapacityStatus:
         return CapacityStatus(self.name, self.limit, fallback=not self.leased)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.capacity import StaticCapacity
+from extproc.capacity import Gate, StaticCapacity
 from extproc.contracts import CapacityStatus, Clock, EndpointStatus
 
 WAITING_METRICS = ("vllm:num_requests_waiting",)
@@ -121,9 +121,8 @@ class _Endpoint:
         self.failing = False
 
 
-class MetricsCapacity:
+class MetricsCapacity(Gate):
     name = "metrics"
-    wants_first_byte = False
 
     def __init__(
         self,
@@ -132,6 +131,7 @@ class MetricsCapacity:
         fallback: StaticCapacity,
         options: SaturationOptions | None = None,
     ) -> None:
+        super().__init__()
         if not urls:
             raise ValueError("the metrics gate needs at least one endpoint")
         self._endpoints = {url: _Endpoint(url) for url in urls}
@@ -143,15 +143,11 @@ class MetricsCapacity:
         self._recent_dispatches: deque[float] = deque()
         """Times of the dispatches of the last `transit` seconds."""
         self._was_fallback = False
-        self._wake: Callable[[], None] = lambda: None
         self._log = structlog.get_logger("extproc.capacity")
 
     @property
     def urls(self) -> list[str]:
         return list(self._endpoints)
-
-    def bind(self, wake: Callable[[], None]) -> None:
-        self._wake = wake
 
     def begin_scrape(self, url: str) -> None:
         self._forget_dispatches_before(self._clock.now() - self.options.transit)
@@ -190,9 +186,6 @@ class MetricsCapacity:
         now = self._clock.now()
         self._recent_dispatches.append(now)
         self._forget_dispatches_before(now - self.options.transit)
-
-    def on_latency(self, seconds: float, dispatched_at: float) -> None:
-        pass
 
     def on_release(self) -> None:
         self._completed += 1
