@@ -165,7 +165,11 @@ class FleetSync:
         while True:
             due = max(due + self.options.interval, time.monotonic())
             await asyncio.sleep(due - time.monotonic())
-            await self.sync()
+            try:
+                await self.sync()
+            except Exception:  # a bug here must not end syncing for good
+                self._errors += 1
+                self._log.exception("fleet sync crashed")
 
     async def sync(self) -> bool:
         """One round trip; False (deltas kept for the next one) when Redis failed."""

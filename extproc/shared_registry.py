@@ -48,10 +48,10 @@ class Pending:
     dispatched: int = 0
     waits: list[float] = field(default_factory=list)
 
-    def merge(self, other: Pending) -> None:
-        self.new += other.new
-        self.dispatched += other.dispatched
-        self.waits = (other.waits + self.waits)[-MAX_WAITS_PER_SYNC:]
+    def merge(self, newer: Pending) -> None:
+        self.new += newer.new
+        self.dispatched += newer.dispatched
+        self.waits = (self.waits + newer.waits)[-MAX_WAITS_PER_SYNC:]
 
 
 class SharedWorkloadRegistry:

@@ -7,8 +7,10 @@ each step is explicit; tests/test_e2e_fleet.py runs real replicas behind Envoy.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import grpc
 import pytest
 from pydantic import ValidationError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -20,8 +22,9 @@ from extproc.registry import InMemoryWorkloadRegistry
 from extproc.shared_registry import SharedWorkloadRegistry
 
 from .conftest import StartService
+from .support.extproc_client import workload_headers
 from .support.redis_server import RedisServer
-from .test_metrics import scrape
+from .test_metrics import exchange, scrape
 
 
 class Replica:
@@ -192,3 +195,32 @@ async def test_the_service_reports_its_fleet(
     assert samples["extproc_fleet_sync_errors_total", ()] == 0
     assert samples["extproc_max_concurrency", ()] == 6  # alone: the whole fleet's limit
     assert service.flow.capacity.status().mode == "fleet"
+
+
+async def test_the_service_starts_and_serves_without_redis(start_service: StartService) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        nobody = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+    service = await start_service(registry=nobody, max_concurrency=2, registry_lease=0.5)
+    assert service.ready
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        _, answer = await exchange(channel, workload_headers("team"))
+    assert answer.WhichOneof("response") == "request_headers"  # dispatched, not failed
+    status = service.fleet.status() if service.fleet else None
+    assert status is not None
+    assert status.connected is False
+    assert status.errors >= 1
+    assert service.registry.get_metrics("team").total_requests == 1  # type: ignore[union-attr]
+
+
+def test_a_failed_syncs_deltas_keep_their_order_before_newer_ones() -> None:
+    clock = SystemClock()
+    registry = SharedWorkloadRegistry(InMemoryWorkloadRegistry(clock), clock, stale_after=1)
+    registry.increment_active("team")
+    registry.record_dispatch("team", 1.0)
+    taken = registry.take_pending()
+    registry.increment_active("team")
+    registry.record_dispatch("team", 2.0)
+    registry.restore_pending(taken)
+    pending = registry.take_pending()["team"]
+    assert (pending.new, pending.dispatched, pending.waits) == (2, 2, [1.0, 2.0])
