@@ -5,7 +5,8 @@
 --    own sequence number, and numbers already applied are skipped.
 -- 2. Replace this replica's map of active requests, and renew its lease.
 --    Replicas whose lease ran out are forgotten, with their active requests and
---    the capacity slots they held.
+--    the capacity slots they held (not their sequence numbers: one that was
+--    only cut off must not have a batch applied twice when it returns).
 -- 3. Fleet capacity (capacity > 0): share the slots among live replicas,
 --    max-min fair by demand (in flight + queued), the rest evenly as headroom.
 --    A replica is granted at most what the others leave free, and keeps at
@@ -90,7 +91,6 @@ for _, dead in ipairs(redis.call('ZRANGEBYSCORE', REPLICAS, '-inf', '(' .. now))
   redis.call('DEL', P .. ':active:' .. dead)
   redis.call('HDEL', HELD, dead)
   redis.call('HDEL', DEMAND, dead)
-  redis.call('HDEL', SEQ, dead)
   redis.call('ZREM', REPLICAS, dead)
 end
 local live = redis.call('ZRANGE', REPLICAS, 0, -1)

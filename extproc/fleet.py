@@ -35,6 +35,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from redis import asyncio as aioredis
@@ -44,9 +45,11 @@ from redis.exceptions import RedisError
 from extproc.capacity import Gate
 from extproc.config import redact_url
 from extproc.contracts import CapacityStatus, Clock
-from extproc.shared_registry import FleetCounts, SharedWorkloadRegistry
+from extproc.shared_registry import FleetCounts, Pending, SharedWorkloadRegistry
 
 SCRIPT = importlib.resources.files("extproc").joinpath("fleet.lua").read_text()
+Batch = tuple[int, dict[str, Any]]
+"""(sequence number, {workload id: [new, dispatched, [queue waits]]})"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +133,7 @@ class FleetSync:
         )
         self._script = self._redis.register_script(SCRIPT)
         self._seq = 0
-        self._unacked: list[tuple[int, dict[str, list[object]]]] = []
+        self._unacked: list[Batch] = []
         """Batches whose sync may or may not have run in Redis: re-sent as they were."""
         self._task: asyncio.Task[None] | None = None
         self._connected = False
@@ -175,8 +178,10 @@ class FleetSync:
         """One round trip; False (deltas kept for the next one) when Redis failed."""
         pending = self._registry.take_pending()
         self._seq += 1
-        batch = (self._seq, {wid: [p.new, p.dispatched, p.waits] for wid, p in pending.items()})
+        batch = _batch(self._seq, pending)
         try:
+            if self._unacked:
+                await self._settle_unacked()
             reply = await self._script(args=self._arguments([*self._unacked, batch]))
         except (RedisError, OSError) as error:
             if _never_sent(error):
@@ -197,7 +202,19 @@ class FleetSync:
             self._log.info("fleet sync up", redis=redact_url(self.options.url), replicas=replicas)
         return True
 
-    def _arguments(self, batches: list[tuple[int, dict[str, list[object]]]]) -> list[str | float]:
+    async def _settle_unacked(self) -> None:
+        """Ask Redis which in-doubt batches it applied; fold the others into one.
+
+        Each sync is atomic and carries every earlier unacknowledged batch, so
+        what Redis applied is exactly the batches numbered up to its record.
+        The rest were never applied and can merge safely: the list stays short
+        however long Redis stays slow."""
+        record = await self._redis.hget(f"{self.options.prefix}:seq", self.replica)  # type: ignore[misc]
+        applied = int(record) if record is not None else -1
+        rest = [b for b in self._unacked if b[0] > applied]
+        self._unacked = [_fold(rest)] if rest else []
+
+    def _arguments(self, batches: list[Batch]) -> list[str | float]:
         o = self.options
         in_flight, queued = self._demand()
         limit = self._capacity.fleet_limit if self._capacity is not None else 0
@@ -226,6 +243,23 @@ class FleetSync:
             pipe.hdel(f"{p}:seq", me)
             pipe.delete(f"{p}:active:{me}")
             await pipe.execute()
+
+
+def _fold(batches: list[Batch]) -> Batch:
+    """Batches never applied, as one under the newest number."""
+    merged: dict[str, Pending] = {}
+    for _, deltas in batches:
+        for wid, (new, dispatched, waits) in deltas.items():
+            delta = Pending(new, dispatched, list(waits))
+            if wid in merged:
+                merged[wid].merge(delta)
+            else:
+                merged[wid] = delta
+    return _batch(batches[-1][0], merged)
+
+
+def _batch(seq: int, pending: dict[str, Pending]) -> Batch:
+    return seq, {wid: [p.new, p.dispatched, p.waits] for wid, p in pending.items()}
 
 
 def _never_sent(error: Exception) -> bool:

@@ -96,7 +96,7 @@ async def test_each_replica_sees_the_fleets_counts(replica: MakeReplica) -> None
     assert [m.workload_id for m in b.registry.list_metrics()] == ["team"]
 
 
-async def test_a_sync_whose_reply_was_lost_is_not_counted_twice(replica: MakeReplica) -> None:
+async def test_syncs_in_doubt_are_counted_exactly_once(replica: MakeReplica) -> None:
     a, b = await replica(), await replica()
     run_script = a.fleet._script
 
@@ -104,14 +104,22 @@ async def test_a_sync_whose_reply_was_lost_is_not_counted_twice(replica: MakeRep
         await run_script(**kwargs)  # type: ignore[arg-type]
         raise RedisTimeoutError("Timeout reading from socket")
 
+    async def never_ran(**kwargs: object) -> object:
+        raise RedisTimeoutError("Timeout writing to socket")
+
     a.new("team", 4)
     a.fleet._script = reply_lost  # type: ignore[assignment]
+    assert await a.fleet.sync() is False  # applied, but a cannot know
+    a.new("team", 2)
+    a.fleet._script = never_ran  # type: ignore[assignment]
+    assert await a.fleet.sync() is False  # not applied, and a cannot know either
     assert await a.fleet.sync() is False
+    assert len(a.fleet._unacked) == 2  # what Redis applied was dropped, the rest folded
     a.fleet._script = run_script
     a.new("team", 1)
     assert await a.fleet.sync()
     assert await b.fleet.sync()
-    assert b.registry.get_metrics("team").total_requests == 5  # type: ignore[union-attr]
+    assert b.registry.get_metrics("team").total_requests == 7  # type: ignore[union-attr]
 
 
 async def test_capacity_is_shared_fairly_and_never_oversold(replica: MakeReplica) -> None:
