@@ -15,6 +15,9 @@ import aiohttp
 
 from extproc.saturation import MetricsCapacity, MetricsError, parse_reading
 
+MAX_PAGE_BYTES = 8 << 20
+"""A vLLM page is ~100 KB; a larger one is a misconfigured URL, not read into memory."""
+
 
 class Scraper:
     def __init__(self, gate: MetricsCapacity, interval: float) -> None:
@@ -56,9 +59,20 @@ class Scraper:
             async with self._session.get(url) as response:
                 if response.status != 200:
                     raise MetricsError(f"HTTP {response.status}")
-                text = await response.text()
+                text = await _read_page(response)
             reading = parse_reading(text, self._gate.options)
         except (aiohttp.ClientError, TimeoutError, MetricsError, UnicodeDecodeError) as error:
             self._gate.fail_scrape(url, str(error) or type(error).__name__)
             return
         self._gate.end_scrape(url, reading)
+
+
+async def _read_page(response: aiohttp.ClientResponse) -> str:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > MAX_PAGE_BYTES:
+            raise MetricsError(f"metrics page larger than {MAX_PAGE_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks).decode()

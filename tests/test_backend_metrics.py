@@ -20,7 +20,7 @@ from extproc.clock import SystemClock
 from extproc.config import Settings
 from extproc.demo_backend import make_demo_app
 from extproc.saturation import MetricsCapacity, MetricsError, SaturationOptions, parse_reading
-from extproc.scraper import Scraper
+from extproc.scraper import MAX_PAGE_BYTES, Scraper
 
 from .conftest import StartService
 from .test_metrics import scrape
@@ -164,3 +164,32 @@ async def test_the_service_shows_its_gate_in_metrics_json_and_top(
     frame = output.decode()
     assert "capacity metrics   limit 8   saturation 0.00" in frame
     assert f"{url}   waiting 0   kv 0%" in frame
+
+
+async def test_an_oversized_or_failing_page_is_an_error_not_a_reading() -> None:
+    async def huge(request: web.Request) -> web.Response:
+        return web.Response(body=b"# " + b"x" * MAX_PAGE_BYTES + b"\n")
+
+    async def broken(request: web.Request) -> web.Response:
+        return web.Response(status=503)
+
+    app = web.Application()
+    app.router.add_get("/huge", huge)
+    app.router.add_get("/broken", broken)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = socket.create_server(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    urls = [f"{base}/huge", f"{base}/broken"]
+    gate = MetricsCapacity(urls, SystemClock(), StaticCapacity(3))
+    scraper = Scraper(gate, interval=1.0)
+    try:
+        await scraper.start()
+        huge_status, broken_status = gate.status().endpoints
+        assert huge_status.last_error == f"metrics page larger than {MAX_PAGE_BYTES} bytes"
+        assert broken_status.last_error == "HTTP 503"
+        assert gate.status().fallback is True
+    finally:
+        await scraper.stop()
+        await runner.cleanup()
