@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import grpc
+from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.app import Service
+from extproc.demo_backend import make_demo_app
 
 from .conftest import StartService
 from .support.extproc_client import request_headers, response_trailers, workload_headers
+from .support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,4 +142,27 @@ async def test_every_metric_the_grafana_dashboard_queries_exists(
         await running.read()
         await waiting.read()
     exposed = {name for name, _ in await scrape(service)}
+    # The gate and fleet panels: a service with the metrics gate and the shared registry.
+    demo = web.AppRunner(make_demo_app())
+    await demo.setup()
+    sock = socket.create_server(("127.0.0.1", 0))
+    await web.SockSite(demo, sock).start()
+    redis = RedisServer()
+    await redis.start()
+    try:
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/metrics"
+        gated = await start_service(
+            capacity="metrics", backend_metrics_url=[url], registry=redis.url
+        )
+        exposed |= {name for name, _ in await scrape(gated)}
+        adaptive = await start_service(
+            capacity="adaptive", max_concurrency=4, adaptive_window=0.001
+        )
+        for _ in range(10):  # first bytes of requests: the no-load probe, then a window
+            adaptive.capacity.on_latency(0.01, time.monotonic())
+            await asyncio.sleep(0.001)
+        exposed |= {name for name, _ in await scrape(adaptive)}
+    finally:
+        await redis.close()
+        await demo.cleanup()
     assert queried <= exposed, queried - exposed
