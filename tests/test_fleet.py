@@ -232,3 +232,15 @@ def test_a_failed_syncs_deltas_keep_their_order_before_newer_ones() -> None:
     registry.restore_pending(taken)
     pending = registry.take_pending()["team"]
     assert (pending.new, pending.dispatched, pending.waits) == (2, 2, [1.0, 2.0])
+
+
+async def test_any_valid_workload_id_survives_the_trip_through_redis(replica: MakeReplica) -> None:
+    a, b = await replica(), await replica()
+    ids = ["team-😀", 'q"uo\\te', "ключ", "a:b{c}*", "x" * 128]
+    for workload in ids:
+        a.new(workload, 2)
+    assert await a.fleet.sync()
+    assert await b.fleet.sync()
+    assert {m.workload_id: m.total_requests for m in b.registry.list_metrics()} == dict.fromkeys(
+        ids, 2
+    )
