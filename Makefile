@@ -40,6 +40,7 @@ test: install
 # Not part of `make test`: timings belong here, on a quiet machine.
 bench: install
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	$(BIN)/python -m pytest bench/test_micro.py -p no:cacheprovider --benchmark-columns=median,mean,ops -s
 	$(BIN)/python bench/run.py
 

@@ -17,10 +17,13 @@ filter, but shrinking by the backlog it infers rather than by a fixed ratio)
     beyond its knee, X the dispatch rate; limit -= that backlog, at most half.
   Always within [min_limit, max_limit] (`--max-concurrency`).
 
-Guarantee, for a backend of C slots and steady demand above C: the limit
-settles between C and C * (1 + growth) + 1 -- it grows only while no request
-waits inside the backend, and one window past C removes the backlog it
-created -- so the backend's own queue stays below growth * C + 1 requests.
+Behaviour, for a backend of C slots and steady demand above C: between
+probes the limit oscillates around C -- it grows only while no request waits
+inside the backend, and a window past C removes about the backlog it created
+-- so the backend's own queue stays near growth * C, not unbounded. Measured
+in the simulator (tests/test_capacity.py, C = 20, exponential service times):
+the limit averages 18.9 over 200 s, probes included, with 0.8 requests
+waiting inside the backend on average and the backend 93% busy.
 """
 
 from __future__ import annotations
