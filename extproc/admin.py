@@ -46,6 +46,7 @@ def make_admin_app(
     app.router.add_get("/v1/workloads", _list_workloads)
     app.router.add_get("/v1/workloads/{workload_id}", _get_workload)
     app.router.add_get("/v1/capacity", _capacity)
+    app.router.add_get("/v1/fleet", _fleet)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics))
     return app
 
@@ -67,6 +68,16 @@ async def _list_workloads(request: web.Request) -> web.Response:
 
 async def _capacity(request: web.Request) -> web.Response:
     return web.json_response(dataclasses.asdict(request.app[_READER].flow.capacity.status()))
+
+
+async def _fleet(request: web.Request) -> web.Response:
+    fleet = request.app[_READER].fleet
+    if fleet is None:
+        return web.json_response(
+            {"error": "not_found", "detail": "the registry is not shared (--registry memory)"},
+            status=404,
+        )
+    return web.json_response(dataclasses.asdict(fleet()))
 
 
 async def _get_workload(request: web.Request) -> web.Response:

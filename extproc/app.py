@@ -110,12 +110,9 @@ class Service:
             if isinstance(self.registry, SharedWorkloadRegistry)
             else None
         )
-        self.reader = WorkloadReader(self.datastore, self.flow)
-        self.metrics = Metrics(
-            self.reader,
-            settings.metrics_top_workloads,
-            self.fleet.status if self.fleet is not None else None,
-        )
+        fleet_status = self.fleet.status if self.fleet is not None else None
+        self.reader = WorkloadReader(self.datastore, self.flow, fleet_status)
+        self.metrics = Metrics(self.reader, settings.metrics_top_workloads, fleet_status)
         self.flow.on_pick = self.metrics.decision.observe
         parser = ContextParser(
             settings.default_workload if settings.on_missing_context == "default" else None

@@ -202,3 +202,17 @@ class Capacity(Protocol):
     def on_release(self) -> None: ...
 
     def status(self) -> CapacityStatus: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FleetStatus:
+    """A replica's view of the fleet that shares its registry (`--registry redis://`)."""
+
+    replica: str
+    connected: bool
+    """The latest sync with Redis succeeded."""
+    replicas: int
+    """Live replicas at the last good sync."""
+    errors: int
+    age: float | None
+    """Seconds since the last good sync; None before the first."""

@@ -44,7 +44,7 @@ from redis.exceptions import RedisError
 
 from extproc.capacity import Gate
 from extproc.config import redact_url
-from extproc.contracts import CapacityStatus, Clock
+from extproc.contracts import CapacityStatus, Clock, FleetStatus
 from extproc.shared_registry import FleetCounts, Pending, SharedWorkloadRegistry
 
 SCRIPT = importlib.resources.files("extproc").joinpath("fleet.lua").read_text()
@@ -61,16 +61,6 @@ class FleetOptions:
     rate_window: float = 60.0
     ema_alpha: float = 0.2
     idle_ttl: float = 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class FleetStatus:
-    replica: str
-    connected: bool
-    replicas: int
-    errors: int
-    age: float | None
-    """Seconds since the last successful sync; None before the first."""
 
 
 class LeasedCapacity(Gate):

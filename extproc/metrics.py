@@ -30,8 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from extproc.contracts import CapacityStatus
-from extproc.fleet import FleetStatus
+from extproc.contracts import CapacityStatus, FleetStatus
 from extproc.readapi import WorkloadReader, WorkloadStatus
 
 OTHER = "other"

@@ -4,7 +4,7 @@ the views the HTTP admin listener renders. Both show the same `WorkloadStatus`."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -13,7 +13,7 @@ from google.protobuf import timestamp_pb2
 from extproc.api.v1 import registry_pb2 as pb
 from extproc.api.v1 import registry_pb2_grpc as pb_grpc
 from extproc.auth import BearerToken
-from extproc.contracts import CapacityStatus, Datastore, WorkloadMetrics
+from extproc.contracts import CapacityStatus, Datastore, FleetStatus, WorkloadMetrics
 from extproc.fairness import percentile
 from extproc.queue import FlowController
 
@@ -47,9 +47,16 @@ class WorkloadStatus:
 
 
 class WorkloadReader:
-    def __init__(self, datastore: Datastore, flow: FlowController) -> None:
+    def __init__(
+        self,
+        datastore: Datastore,
+        flow: FlowController,
+        fleet: Callable[[], FleetStatus] | None = None,
+    ) -> None:
         self._registry = datastore.get_workload_registry()
         self.flow = flow
+        self.fleet = fleet
+        """This replica's view of its fleet, when the registry is shared."""
 
     def get(self, workload_id: str) -> WorkloadStatus | None:
         metrics = self._registry.get_metrics(workload_id)
@@ -79,7 +86,18 @@ class WorkloadReader:
             queued=self.flow.queued,
             max_concurrency=self.flow.max_concurrency,
             capacity=capacity_proto(self.flow.capacity.status()),
+            fleet=fleet_proto(self.fleet()) if self.fleet is not None else None,
         )
+
+
+def fleet_proto(status: FleetStatus) -> pb.Fleet:
+    return pb.Fleet(
+        replica=status.replica,
+        connected=status.connected,
+        replicas=status.replicas,
+        sync_errors=status.errors,
+        sync_age_seconds=status.age,
+    )
 
 
 def capacity_proto(status: CapacityStatus) -> pb.Capacity:

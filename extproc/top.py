@@ -2,9 +2,9 @@
 
 One row per workload -- request rate, active, queued, in flight, dispatched,
 average and recent p99 queue wait, share of capacity -- sorted by `--sort`,
-under a header with the totals, a sparkline of the queue's depth and the
-capacity gate: its limit, and its saturation and each model server's last
-scrape (metrics) or its latencies (adaptive).
+under a header with the totals, a sparkline of the queue's depth, the
+capacity gate (its limit, and its saturation and each model server's last
+scrape, or its latencies) and, with a shared registry, the fleet.
 """
 
 from __future__ import annotations
@@ -81,7 +81,17 @@ def render(snapshot: pb.WorkloadSnapshot, depths: list[int], sort: str, limit: i
         table.add_row(workload.workload_id, *cells)
     if len(rows) > limit:
         table.caption = f"{len(rows) - limit} more workloads not shown (--limit)"
-    return Group(header, *capacity_lines(snapshot.capacity), table)
+    fleet = [fleet_line(snapshot.fleet)] if snapshot.HasField("fleet") else []
+    return Group(header, *capacity_lines(snapshot.capacity), *fleet, table)
+
+
+def fleet_line(fleet: pb.Fleet) -> Text:
+    state = ("synced", "green") if fleet.connected else ("Redis unreachable: local view", "red")
+    age = f"{fleet.sync_age_seconds:.2f}s ago" if fleet.HasField("sync_age_seconds") else "never"
+    return Text.assemble(
+        f"fleet {fleet.replicas} replicas   ", state,
+        f" (last {age}, {fleet.sync_errors} errors)   this replica {fleet.replica}",
+    )  # fmt: skip
 
 
 def capacity_lines(capacity: pb.Capacity) -> list[Text]:

@@ -7,9 +7,12 @@ each step is explicit; tests/test_e2e_fleet.py runs real replicas behind Envoy.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 import grpc
 import pytest
 from pydantic import ValidationError
@@ -203,6 +206,31 @@ async def test_the_service_reports_its_fleet(
     assert samples["extproc_fleet_sync_errors_total", ()] == 0
     assert samples["extproc_max_concurrency", ()] == 6  # alone: the whole fleet's limit
     assert service.flow.capacity.status().mode == "fleet"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{service.admin_port}/v1/fleet") as reply,
+    ):
+        fleet = await reply.json()
+    assert (fleet["connected"], fleet["replicas"], fleet["errors"]) == (True, 1, 0)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "extproc", "top", "--once",
+        "--address", f"127.0.0.1:{service.grpc_port}",
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    frame = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
+    assert "capacity fleet   limit 6" in frame
+    assert "fleet 1 replicas   synced" in frame
+    assert fleet["replica"] in frame
+
+
+async def test_a_lone_replica_has_no_fleet(start_service: StartService) -> None:
+    service = await start_service()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{service.admin_port}/v1/fleet") as reply,
+    ):
+        assert reply.status == 404
+        assert "not shared" in (await reply.json())["detail"]
 
 
 async def test_the_service_starts_and_serves_without_redis(start_service: StartService) -> None:
