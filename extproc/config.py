@@ -140,10 +140,14 @@ class Settings(BaseSettings):
         0.8, gt=0, le=1, description="metrics: saturated at this KV-cache utilisation"
     )
     waiting_metrics: str = Field(
-        ",".join(WAITING_METRICS), description="metrics: waiting-requests gauge names, first found"
+        ",".join(WAITING_METRICS),
+        pattern=r"[^,\s]",
+        description="metrics: waiting-requests gauge names, first found",
     )
     kv_cache_metrics: str = Field(
-        ",".join(KV_CACHE_METRICS), description="metrics: KV-cache gauge names, first found"
+        ",".join(KV_CACHE_METRICS),
+        pattern=r"[^,\s]",
+        description="metrics: KV-cache gauge names, first found",
     )
     adaptive_min_limit: int = Field(3, ge=1, description="adaptive: floor, and the probe's limit")
     adaptive_window: float = Field(0.5, gt=0, description="adaptive: seconds per latency window")
@@ -264,7 +268,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _capacity_needs(self) -> Settings:
+    def _settings_that_go_together(self) -> Settings:
         if self.capacity == "metrics" and not self.backend_metrics_url:
             raise ValueError("--capacity metrics needs at least one --backend-metrics-url")
         if self.registry_lease < 3 * self.registry_sync_interval:

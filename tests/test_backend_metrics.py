@@ -125,6 +125,8 @@ def test_settings_for_the_metrics_gate(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings(capacity="metrics", backend_metrics_url=["127.0.0.1:8000/metrics"])
     with pytest.raises(ValidationError, match="needs --max-concurrency"):
         Settings(capacity="adaptive")
+    with pytest.raises(ValidationError, match="waiting_metrics"):
+        Settings(waiting_metrics=" , ")
     monkeypatch.setenv("EXTPROC_BACKEND_METRICS_URL", "http://a:1/metrics, http://b:2/metrics")
     settings = Settings(capacity="metrics")
     assert settings.backend_metrics_url == ["http://a:1/metrics", "http://b:2/metrics"]
