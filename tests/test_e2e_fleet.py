@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from .support.backend import Backend
 from .support.envoy import Envoy, bundled_config
@@ -56,6 +57,17 @@ class Fleet:
     async def capacity(self, replica: ServeProcess) -> dict[str, Any]:
         async with self.http.get(f"http://{replica.admin}/v1/capacity") as reply:
             return await reply.json()  # type: ignore[no-any-return]
+
+    async def dispatched(self, replica: ServeProcess) -> float:
+        """Requests this replica itself dispatched (its own counter, not the fleet's)."""
+        async with self.http.get(f"http://{replica.admin}/metrics") as reply:
+            text = await reply.text()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                named = sample.name == "extproc_requests_total"
+                if named and sample.labels["outcome"] == "dispatched":
+                    return sample.value
+        return 0.0
 
     async def totals(self, replica: ServeProcess) -> dict[str, int]:
         return {w["workload_id"]: w["total_requests"] for w in await replica.workloads()}
@@ -105,7 +117,10 @@ async def test_counts_and_capacity_are_fleet_wide(fleet: Fleet) -> None:
     assert sum(sent.values()) == sum(by_workload(sent).values())  # every request 200
     # Never more in flight than the one fleet-wide limit, and the limit was used.
     assert fleet.backend.peak == LIMIT
-    for replica in fleet.replicas:  # both replicas served, and both agree
+    served = [await fleet.dispatched(replica) for replica in fleet.replicas]
+    assert min(served) > 0.25 * sum(served)  # Envoy spread the requests over both
+    assert sum(served) == sum(sent.values())
+    for replica in fleet.replicas:  # and both know every request
         await eventually_async(lambda r=replica: _totals_are(fleet, r, by_workload(sent)))  # type: ignore[misc]
     await eventually_async(lambda: _all_idle(fleet.replicas[0]))
 
