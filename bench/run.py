@@ -104,14 +104,7 @@ def backend_config(port: int) -> dict[str, Any]:
 
 
 def proxy_config(ports: list[int], backend_port: int, with_ext_proc: bool) -> dict[str, Any]:
-    config = bundled_config(ports[0], backend_port)
-    for cluster in config["static_resources"]["clusters"]:
-        if cluster["name"] == "workload_extproc":
-            endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
-            for port in ports[1:]:
-                endpoint = json.loads(json.dumps(endpoints[0]))
-                endpoint["endpoint"]["address"]["socket_address"]["port_value"] = port
-                endpoints.append(endpoint)
+    config = bundled_config(ports[0], backend_port, *ports[1:])
     if not with_ext_proc:
         manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
         filters = manager["typed_config"]["http_filters"]

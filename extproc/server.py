@@ -134,7 +134,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 response = _PASS_THROUGH.get(phase) if phase else None
                 if response is None:
                     continue
-                if phase.startswith("response") and exchange.ticket is not None:
+                if self._first_byte and exchange.ticket and phase.startswith("response"):
                     exchange.ticket.first_byte()
                 if _ends_response(message, phase):
                     self._complete(exchange)

@@ -4,7 +4,9 @@ streams or resets responses on the test's word."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -42,6 +44,16 @@ class Backend:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    @contextlib.contextmanager
+    def _busy(self) -> Iterator[None]:
+        """Count a request as running at the backend (and its peak) while inside."""
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            yield
+        finally:
+            self.running -= 1
+
     def _arrive(self, request: web.Request) -> None:
         workload = request.headers.get("x-workload-id", "")
         self.arrivals.append(workload)
@@ -54,12 +66,8 @@ class Backend:
     async def _work(self, request: web.Request) -> web.Response:
         """Busy for `?seconds=S`, like a model server generating."""
         self._arrive(request)
-        self.running += 1
-        self.peak = max(self.peak, self.running)
-        try:
+        with self._busy():
             await asyncio.sleep(float(request.query["seconds"]))
-        finally:
-            self.running -= 1
         return web.Response(text="ok")
 
     async def _drip(self, request: web.Request) -> web.StreamResponse:
@@ -75,12 +83,8 @@ class Backend:
 
     async def _held(self, request: web.Request) -> web.Response:
         self._arrive(request)
-        self.running += 1
-        self.peak = max(self.peak, self.running)
-        try:
+        with self._busy():
             await self.gate.wait()
-        finally:
-            self.running -= 1
         return web.Response(text="ok")
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:

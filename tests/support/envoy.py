@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import shutil
 import sys
@@ -26,16 +27,26 @@ def envoy_binary() -> str:
     return found
 
 
-def bundled_config(extproc_port: int, backend_port: int, **filter_overrides: Any) -> dict[str, Any]:
-    """envoy/envoy.yaml as shipped, moved onto ephemeral ports."""
+def bundled_config(
+    extproc_port: int,
+    backend_port: int,
+    *more_extproc_ports: int,
+    **filter_overrides: Any,
+) -> dict[str, Any]:
+    """envoy/envoy.yaml as shipped, moved onto ephemeral ports; every processor port
+    (several replicas) is an endpoint of the ext_proc cluster."""
     config: dict[str, Any] = yaml.safe_load(BUNDLED_CONFIG.read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = 0
     (listener,) = config["static_resources"]["listeners"]
     listener["address"]["socket_address"]["port_value"] = 0
-    ports = {"workload_extproc": extproc_port, "backend": backend_port}
+    ports = {"workload_extproc": [extproc_port, *more_extproc_ports], "backend": [backend_port]}
     for cluster in config["static_resources"]["clusters"]:
-        endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-        endpoint["address"]["socket_address"]["port_value"] = ports[cluster["name"]]
+        endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        template = endpoints.pop()
+        for port in ports[cluster["name"]]:
+            endpoint = copy.deepcopy(template)
+            endpoint["endpoint"]["address"]["socket_address"]["port_value"] = port
+            endpoints.append(endpoint)
     ext_proc_filter(config).update(filter_overrides)
     return config
 
