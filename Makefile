@@ -51,6 +51,7 @@ lint: install
 	$(BIN)/ruff check extproc tests protos docs
 	$(BIN)/ruff format --check extproc tests protos docs
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff format extproc tests protos docs

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from extproc.clock import VirtualClock
-from extproc.datastore import RegistryDatastore
-from extproc.policies import make_policy
-from extproc.queue import FlowController, FlowRequest, Ticket
-from extproc.registry import InMemoryWorkloadRegistry
+from extproc.flowcontrol.policies import make_policy
+from extproc.flowcontrol.queue import FlowController, FlowRequest, Ticket
+from extproc.registry.datastore import RegistryDatastore
+from extproc.registry.memory import InMemoryWorkloadRegistry
 
 WORKLOADS = 10_000
 

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from extproc.simulate import Scenario, SimResult, run
+from extproc.tools.simulate import Scenario, SimResult, run
 
 DOCS = Path(__file__).resolve().parent
 POLICIES = ("fcfs", "workload-aware", "fair-share")

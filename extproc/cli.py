@@ -21,22 +21,23 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from extproc import __version__, top
-from extproc.app import run
+from extproc import __version__
+from extproc.addresses import parse_address
 from extproc.config import (
     ConfigFile,
     ConfigFileError,
     Settings,
     describe_error,
     load_settings,
-    parse_address,
     public_view,
 )
-from extproc.demo_backend import make_demo_app
+from extproc.flowcontrol.policies import POLICIES
 from extproc.log import configure_logging
-from extproc.policies import POLICIES
-from extproc.simulate import Scenario, SimResult
-from extproc.simulate import run as run_scenario
+from extproc.service.app import run
+from extproc.tools import top
+from extproc.tools.demo_backend import make_demo_app
+from extproc.tools.simulate import Scenario, SimResult
+from extproc.tools.simulate import run as run_scenario
 
 
 def main(argv: Sequence[str] | None = None) -> int:

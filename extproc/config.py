@@ -24,29 +24,14 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from extproc.adaptive import AdaptiveOptions
-from extproc.auth import is_loopback
-from extproc.fair_share import DEFAULT_WEIGHTS
-from extproc.policies import POLICIES, PolicyOptions
-from extproc.policy import ScoreWeights
-from extproc.saturation import KV_CACHE_METRICS, WAITING_METRICS, SaturationOptions
+from extproc.addresses import is_loopback, parse_address, redact_url
+from extproc.capacity.adaptive import AdaptiveOptions
+from extproc.capacity.saturation import KV_CACHE_METRICS, WAITING_METRICS, SaturationOptions
+from extproc.flowcontrol.fair_share import DEFAULT_WEIGHTS
+from extproc.flowcontrol.policies import POLICIES, PolicyOptions
+from extproc.flowcontrol.policy import ScoreWeights
 
 ENV_PREFIX = "EXTPROC_"
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"expected HOST:PORT, got {address!r}")
-    return host.strip("[]"), int(port)
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password, for logs and `config show`."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.split("@", 1)[1]
-    return scheme + sep + rest
 
 
 class ConfigFileError(ValueError):

@@ -2,8 +2,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from extproc.app import Service
 from extproc.config import Settings
+from extproc.service.app import Service
 
 StartService = Callable[..., Awaitable[Service]]
 

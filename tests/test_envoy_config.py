@@ -6,10 +6,9 @@ from typing import Any
 
 import yaml
 
-from extproc.app import HEALTH_SERVICES, HOLD_MARGIN
 from extproc.config import Settings
-
-from .support.envoy import BUNDLED_CONFIG, envoy_binary, ext_proc_filter
+from extproc.service.app import HEALTH_SERVICES, HOLD_MARGIN
+from tests.support.envoy import BUNDLED_CONFIG, envoy_binary, ext_proc_filter
 
 
 def seconds(duration: str) -> float:

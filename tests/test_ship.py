@@ -18,8 +18,8 @@ import yaml
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
 from google.protobuf import json_format
 
-from extproc.app import HOLD_MARGIN
 from extproc.cli import main
+from extproc.service.app import HOLD_MARGIN
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

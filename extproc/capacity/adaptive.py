@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from extproc.capacity import Gate
+from extproc.capacity.static import Gate
 from extproc.contracts import CapacityStatus, Clock
 
 
@@ -67,7 +67,7 @@ class AdaptiveCapacity(Gate):
         self._limit = float(options.min_limit)
         self._min_latency: float | None = None
         self._latency: float | None = None
-        self._log = structlog.get_logger("extproc.capacity")
+        self._log = structlog.get_logger("extproc.capacity.static")
         now = clock.now()
         self._probing = True
         self._probe_started = now

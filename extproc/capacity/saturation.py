@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.capacity import Gate, StaticCapacity
+from extproc.capacity.static import Gate, StaticCapacity
 from extproc.contracts import CapacityStatus, Clock, EndpointStatus
 
 WAITING_METRICS = ("vllm:num_requests_waiting",)
@@ -143,7 +143,7 @@ class MetricsCapacity(Gate):
         self._recent_dispatches: deque[float] = deque()
         """Times of the dispatches of the last `transit` seconds."""
         self._was_fallback = False
-        self._log = structlog.get_logger("extproc.capacity")
+        self._log = structlog.get_logger("extproc.capacity.static")
 
     @property
     def urls(self) -> list[str]:

@@ -13,7 +13,7 @@ import time
 
 import aiohttp
 
-from extproc.saturation import MetricsCapacity, MetricsError, parse_reading
+from extproc.capacity.saturation import MetricsCapacity, MetricsError, parse_reading
 
 MAX_PAGE_BYTES = 8 << 20
 """A vLLM page is ~100 KB; a larger one is a misconfigured URL, not read into memory."""

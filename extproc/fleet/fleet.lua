@@ -27,7 +27,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local WORKLOADS, REPLICAS = P .. ':workloads', P .. ':replicas'
 local HELD, DEMAND, SEQ = P .. ':held', P .. ':demand', P .. ':seq'
 
--- The sliding-window request rate of extproc/rate.py, on hash fields st bs cur prev.
+-- The sliding-window request rate of extproc/registry/rate.py, on hash fields st bs cur prev.
 local function roll(h)
   local elapsed = now - h.bs
   if elapsed < window then return end

@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass, field
 
 from extproc.contracts import Clock, WorkloadMetrics
-from extproc.registry import InMemoryWorkloadRegistry
+from extproc.registry.memory import InMemoryWorkloadRegistry
 
 MAX_WAITS_PER_SYNC = 32
 """Queue waits carried per workload per sync; the fleet's average is an EMA, so

@@ -42,12 +42,12 @@ from redis import asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from extproc.capacity import Gate
-from extproc.config import redact_url
+from extproc.addresses import redact_url
+from extproc.capacity.static import Gate
 from extproc.contracts import CapacityStatus, Clock, FleetStatus
-from extproc.shared_registry import FleetCounts, Pending, SharedWorkloadRegistry
+from extproc.fleet.registry import FleetCounts, Pending, SharedWorkloadRegistry
 
-SCRIPT = importlib.resources.files("extproc").joinpath("fleet.lua").read_text()
+SCRIPT = importlib.resources.files("extproc.fleet").joinpath("fleet.lua").read_text()
 Batch = tuple[int, dict[str, Any]]
 """(sequence number, {workload id: [new, dispatched, [queue waits]]})"""
 
@@ -130,7 +130,7 @@ class FleetSync:
         self._errors = 0
         self._replicas = 1
         self._synced_at: float | None = None
-        self._log = structlog.get_logger("extproc.fleet")
+        self._log = structlog.get_logger("extproc.fleet.sync")
 
     async def start(self) -> None:
         # One sync before serving: the first requests see the fleet and hold real slots.

@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from extproc.contracts import QueuedRequest
-from extproc.policy import KeyedPolicy
+from extproc.flowcontrol.policy import KeyedPolicy
 
 Cost = Literal["requests", "occupancy"]
 DEFAULT_WEIGHTS: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0)

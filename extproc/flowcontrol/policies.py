@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from extproc.contracts import Clock, Datastore, Policy
-from extproc.fair_share import DEFAULT_WEIGHTS, Cost, FairSharePolicy
-from extproc.policy import FcfsPolicy, ScoreWeights, WorkloadAwarePolicy
+from extproc.flowcontrol.fair_share import DEFAULT_WEIGHTS, Cost, FairSharePolicy
+from extproc.flowcontrol.policy import FcfsPolicy, ScoreWeights, WorkloadAwarePolicy
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,7 +47,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from extproc.capacity import StaticCapacity
+from extproc.capacity.static import StaticCapacity
 from extproc.contracts import Capacity, Clock, Policy, QueuedRequest, TimerHandle
 from extproc.outcomes import Outcome
 

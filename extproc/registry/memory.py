@@ -28,7 +28,7 @@ import threading
 from collections import deque
 
 from extproc.contracts import Clock, RegistryFull, WorkloadMetrics
-from extproc.rate import SlidingWindowRate
+from extproc.registry.rate import SlidingWindowRate
 
 OVERFLOW_WORKLOAD = "overflow"
 RECENT_WAITS = 10_000

@@ -13,8 +13,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from extproc.auth import BearerToken
-from extproc.readapi import WorkloadReader
+from extproc.service.auth import BearerToken
+from extproc.service.readapi import WorkloadReader
 
 _READER = web.AppKey("reader", WorkloadReader)
 _IS_READY: web.AppKey[Callable[[], bool]] = web.AppKey("is_ready")

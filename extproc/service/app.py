@@ -30,26 +30,27 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from extproc.adaptive import AdaptiveCapacity
-from extproc.admin import make_admin_app
+from extproc.addresses import parse_address, redact_url
 from extproc.api.v1 import registry_pb2, registry_pb2_grpc
-from extproc.auth import BearerToken
-from extproc.capacity import StaticCapacity
+from extproc.capacity.adaptive import AdaptiveCapacity
+from extproc.capacity.saturation import MetricsCapacity
+from extproc.capacity.scraper import Scraper
+from extproc.capacity.static import StaticCapacity
 from extproc.clock import SystemClock
-from extproc.config import Settings, parse_address, redact_url
+from extproc.config import Settings
 from extproc.context import ContextParser
 from extproc.contracts import Capacity, Clock
-from extproc.datastore import RegistryDatastore
-from extproc.fleet import FleetOptions, FleetSync, LeasedCapacity
-from extproc.metrics import Metrics
-from extproc.policies import make_policy
-from extproc.queue import FlowController
-from extproc.readapi import WorkloadReader, WorkloadRegistryService
-from extproc.registry import InMemoryWorkloadRegistry
-from extproc.saturation import MetricsCapacity
-from extproc.scraper import Scraper
-from extproc.server import ExternalProcessorService
-from extproc.shared_registry import SharedWorkloadRegistry
+from extproc.fleet.registry import SharedWorkloadRegistry
+from extproc.fleet.sync import FleetOptions, FleetSync, LeasedCapacity
+from extproc.flowcontrol.policies import make_policy
+from extproc.flowcontrol.queue import FlowController
+from extproc.registry.datastore import RegistryDatastore
+from extproc.registry.memory import InMemoryWorkloadRegistry
+from extproc.service.admin import make_admin_app
+from extproc.service.auth import BearerToken
+from extproc.service.extproc import ExternalProcessorService
+from extproc.service.metrics import Metrics
+from extproc.service.readapi import WorkloadReader, WorkloadRegistryService
 
 # Envoy's message timeout is extended by this much beyond the queue timeout, so
 # that the queue, not Envoy, decides when a held request has waited too long.

@@ -9,16 +9,6 @@ Tokens are compared in constant time.
 from __future__ import annotations
 
 import hmac
-import ipaddress
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a hostname could resolve anywhere
 
 
 class BearerToken:

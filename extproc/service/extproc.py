@@ -54,10 +54,10 @@ from extproc.context import (
     WorkloadContext,
 )
 from extproc.contracts import Clock, Datastore, RegistryFull
-from extproc.metrics import Metrics
+from extproc.flowcontrol.queue import FlowController, FlowRequest, Ticket
 from extproc.outcomes import Outcome, Rejection, invalid_request, registry_full, rejection_for
-from extproc.queue import FlowController, FlowRequest, Ticket
-from extproc.registry import OVERFLOW_WORKLOAD
+from extproc.registry.memory import OVERFLOW_WORKLOAD
+from extproc.service.metrics import Metrics
 
 WORKLOAD_ID_HEADER = "x-workload-id"
 QUEUE_WAIT_HEADER = "x-workload-queue-wait-ms"

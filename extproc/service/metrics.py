@@ -31,7 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from extproc.contracts import CapacityStatus, FleetStatus
-from extproc.readapi import WorkloadReader, WorkloadStatus
+from extproc.service.readapi import WorkloadReader, WorkloadStatus
 
 OTHER = "other"
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

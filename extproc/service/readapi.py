@@ -12,10 +12,10 @@ from google.protobuf import timestamp_pb2
 
 from extproc.api.v1 import registry_pb2 as pb
 from extproc.api.v1 import registry_pb2_grpc as pb_grpc
-from extproc.auth import BearerToken
 from extproc.contracts import CapacityStatus, Datastore, FleetStatus, WorkloadMetrics
-from extproc.fairness import percentile
-from extproc.queue import FlowController
+from extproc.flowcontrol.queue import FlowController
+from extproc.service.auth import BearerToken
+from extproc.stats import percentile
 
 DEFAULT_WATCH_INTERVAL = 1.0
 MIN_WATCH_INTERVAL = 0.05

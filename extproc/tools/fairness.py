@@ -1,4 +1,4 @@
-"""Measures of fairness: the max-min fair allocation, Jain's index, percentiles.
+"""Measures of fairness: the max-min fair allocation and Jain's index.
 
 `max_min_fair` is the reference every fairness claim is checked against, so it
 is computed independently of any policy (water-filling): capacity is split
@@ -8,7 +8,6 @@ demand is below its split gets its demand, and the rest is split again.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 
@@ -42,12 +41,3 @@ def jain_index(values: Sequence[float]) -> float:
         return 1.0
     square_sum = sum(v * v for v in values)
     return 1.0 if square_sum == 0 else sum(values) ** 2 / (len(values) * square_sum)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100); 0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]

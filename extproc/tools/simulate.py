@@ -29,13 +29,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from extproc.clock import VirtualClock
 from extproc.contracts import Clock, Datastore, Policy
-from extproc.datastore import RegistryDatastore
-from extproc.fair_share import DEFAULT_WEIGHTS, Cost
-from extproc.fairness import jain_index, max_min_fair, percentile
+from extproc.flowcontrol.fair_share import DEFAULT_WEIGHTS, Cost
+from extproc.flowcontrol.policies import PolicyOptions, make_policy
+from extproc.flowcontrol.queue import FlowController, FlowRequest, Ticket
 from extproc.outcomes import Outcome
-from extproc.policies import PolicyOptions, make_policy
-from extproc.queue import FlowController, FlowRequest, Ticket
-from extproc.registry import InMemoryWorkloadRegistry
+from extproc.registry.datastore import RegistryDatastore
+from extproc.registry.memory import InMemoryWorkloadRegistry
+from extproc.stats import percentile
+from extproc.tools.fairness import jain_index, max_min_fair
 
 PolicyMaker = Callable[[Datastore, Clock], Policy]
 

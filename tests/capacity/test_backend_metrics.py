@@ -14,16 +14,20 @@ import pytest
 from aiohttp import web
 from pydantic import ValidationError
 
-from extproc.capacity import StaticCapacity
+from extproc.capacity.saturation import (
+    MetricsCapacity,
+    MetricsError,
+    SaturationOptions,
+    parse_reading,
+)
+from extproc.capacity.scraper import MAX_PAGE_BYTES, Scraper
+from extproc.capacity.static import StaticCapacity
 from extproc.cli import main
 from extproc.clock import SystemClock
 from extproc.config import Settings
-from extproc.demo_backend import make_demo_app
-from extproc.saturation import MetricsCapacity, MetricsError, SaturationOptions, parse_reading
-from extproc.scraper import MAX_PAGE_BYTES, Scraper
-
-from .conftest import StartService
-from .test_metrics import scrape
+from extproc.tools.demo_backend import make_demo_app
+from tests.conftest import StartService
+from tests.support.metrics_page import scrape
 
 VLLM_OLD = """# HELP vllm:num_requests_waiting Number of requests waiting.
 # TYPE vllm:num_requests_waiting gauge

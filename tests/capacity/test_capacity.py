@@ -8,13 +8,12 @@ import statistics
 
 import pytest
 
-from extproc.adaptive import AdaptiveCapacity, AdaptiveOptions
-from extproc.capacity import StaticCapacity
+from extproc.capacity.adaptive import AdaptiveCapacity, AdaptiveOptions
+from extproc.capacity.saturation import MetricsCapacity, Reading, SaturationOptions
+from extproc.capacity.static import StaticCapacity
 from extproc.clock import VirtualClock
 from extproc.contracts import Capacity
-from extproc.saturation import MetricsCapacity, Reading, SaturationOptions
-
-from .support.model_server import Harness, SimModelServer
+from tests.support.model_server import Harness, SimModelServer
 
 KNEE = 20
 SERVICE = 2.0  # seconds per request once running: the server does KNEE / SERVICE = 10 req/s

@@ -12,13 +12,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from extproc.app import Service
-from extproc.fairness import percentile
-
-from .conftest import StartService
-from .support.backend import Backend
-from .support.envoy import Envoy, bundled_config
-from .support.extproc_client import eventually, eventually_async
+from extproc.service.app import Service
+from extproc.stats import percentile
+from tests.conftest import StartService
+from tests.support.backend import Backend
+from tests.support.envoy import Envoy, bundled_config
+from tests.support.extproc_client import eventually, eventually_async
 
 pytestmark = pytest.mark.e2e
 

@@ -14,12 +14,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from extproc.app import Service
-from extproc.demo_backend import make_demo_app
-
-from .conftest import StartService
-from .support.envoy import Envoy, bundled_config
-from .support.extproc_client import eventually
+from extproc.service.app import Service
+from extproc.tools.demo_backend import make_demo_app
+from tests.conftest import StartService
+from tests.support.envoy import Envoy, bundled_config
+from tests.support.extproc_client import eventually
 
 pytestmark = pytest.mark.e2e
 

@@ -15,11 +15,11 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .support.backend import Backend
-from .support.envoy import Envoy, bundled_config
-from .support.extproc_client import eventually_async
-from .support.process import ServeProcess, free_port
-from .support.redis_server import RedisServer
+from tests.support.backend import Backend
+from tests.support.envoy import Envoy, bundled_config
+from tests.support.extproc_client import eventually_async
+from tests.support.process import ServeProcess, free_port
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 

@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from .conftest import StartService
-from .support.backend import Backend
-from .support.envoy import Envoy, bundled_config
-from .support.extproc_client import eventually, eventually_async
-from .support.process import ServeProcess, free_port
+from tests.conftest import StartService
+from tests.support.backend import Backend
+from tests.support.envoy import Envoy, bundled_config
+from tests.support.extproc_client import eventually, eventually_async
+from tests.support.process import ServeProcess, free_port
 
 pytestmark = pytest.mark.e2e
 CONTEXT = {"x-workload-context": '{"workload_id": "w"}'}

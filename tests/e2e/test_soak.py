@@ -14,11 +14,10 @@ import grpc
 import pytest
 
 from extproc.api.v1 import registry_pb2, registry_pb2_grpc
-
-from .support.backend import Backend
-from .support.envoy import Envoy, bundled_config
-from .support.extproc_client import eventually_async
-from .support.process import ServeProcess, free_port
+from tests.support.backend import Backend
+from tests.support.envoy import Envoy, bundled_config
+from tests.support.extproc_client import eventually_async
+from tests.support.process import ServeProcess, free_port
 
 pytestmark = pytest.mark.e2e
 SOAK_SECONDS = 30.0

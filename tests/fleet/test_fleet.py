@@ -20,14 +20,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from extproc.clock import SystemClock
 from extproc.config import Settings, public_view
-from extproc.fleet import FleetOptions, FleetSync, LeasedCapacity
-from extproc.registry import InMemoryWorkloadRegistry
-from extproc.shared_registry import SharedWorkloadRegistry
-
-from .conftest import StartService
-from .support.extproc_client import workload_headers
-from .support.redis_server import RedisServer
-from .test_metrics import exchange, scrape
+from extproc.fleet.registry import SharedWorkloadRegistry
+from extproc.fleet.sync import FleetOptions, FleetSync, LeasedCapacity
+from extproc.registry.memory import InMemoryWorkloadRegistry
+from tests.conftest import StartService
+from tests.support.extproc_client import exchange, workload_headers
+from tests.support.metrics_page import scrape
+from tests.support.redis_server import RedisServer
 
 
 class Replica:

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from extproc.fair_share import FairSharePolicy
-from extproc.fairness import jain_index, max_min_fair, percentile
+from extproc.flowcontrol.fair_share import FairSharePolicy
 from extproc.outcomes import Outcome
-from extproc.simulate import Scenario, SimResult, TenantSpec, run
+from extproc.stats import percentile
+from extproc.tools.fairness import jain_index, max_min_fair
+from extproc.tools.simulate import Scenario, SimResult, TenantSpec, run
 
-SCENARIOS = Path(__file__).resolve().parents[1] / "docs" / "scenarios"
+SCENARIOS = Path(__file__).resolve().parents[2] / "docs" / "scenarios"
 
 
 def scenario(name: str, **changes: object) -> Scenario:

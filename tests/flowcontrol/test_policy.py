@@ -7,12 +7,12 @@ import pytest
 
 from extproc.clock import VirtualClock
 from extproc.contracts import Policy, QueuedRequest
-from extproc.datastore import RegistryDatastore
+from extproc.flowcontrol.policies import POLICIES, make_policy
+from extproc.flowcontrol.policy import ScoreWeights, WorkloadAwarePolicy
 from extproc.outcomes import Outcome
-from extproc.policies import POLICIES, make_policy
-from extproc.policy import ScoreWeights, WorkloadAwarePolicy
-from extproc.registry import InMemoryWorkloadRegistry
-from extproc.simulate import Request, replay
+from extproc.registry.datastore import RegistryDatastore
+from extproc.registry.memory import InMemoryWorkloadRegistry
+from extproc.tools.simulate import Request, replay
 
 
 def random_world(seed: int) -> tuple[VirtualClock, RegistryDatastore, list[QueuedRequest]]:

@@ -7,10 +7,10 @@ import pytest
 
 from extproc.clock import VirtualClock
 from extproc.contracts import QueuedRequest
-from extproc.fair_share import FairSharePolicy
+from extproc.flowcontrol.fair_share import FairSharePolicy
+from extproc.flowcontrol.policy import FcfsPolicy
+from extproc.flowcontrol.queue import FlowController, FlowRequest, Ticket
 from extproc.outcomes import Outcome
-from extproc.policy import FcfsPolicy
-from extproc.queue import FlowController, FlowRequest, Ticket
 
 A = FlowRequest("a", 3)
 B = FlowRequest("b", 3)

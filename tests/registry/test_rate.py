@@ -3,7 +3,7 @@ smooth and complete decay when traffic stops."""
 
 import pytest
 
-from extproc.rate import SlidingWindowRate
+from extproc.registry.rate import SlidingWindowRate
 
 WINDOW = 60.0
 

@@ -6,8 +6,8 @@ import pytest
 
 from extproc.clock import VirtualClock
 from extproc.contracts import RegistryFull
-from extproc.datastore import RegistryDatastore
-from extproc.registry import OVERFLOW_WORKLOAD, RECENT_WAITS, InMemoryWorkloadRegistry
+from extproc.registry.datastore import RegistryDatastore
+from extproc.registry.memory import OVERFLOW_WORKLOAD, RECENT_WAITS, InMemoryWorkloadRegistry
 
 
 @pytest.fixture

@@ -86,6 +86,6 @@ async def test_serve_process_answers_health_and_stops_on_sigterm() -> None:
 
 
 def test_readme_documents_every_flag() -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"`--{name.replace('_', '-')}`" in readme, name

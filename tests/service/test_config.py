@@ -8,7 +8,7 @@ import yaml
 from extproc.cli import main
 from extproc.config import ConfigFile, load_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -16,13 +16,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from extproc.app import Service
 from extproc.config import Settings
 from extproc.context import FAIRNESS_ID_HEADER, WORKLOAD_CONTEXT_HEADER, ContextError, ContextParser
 from extproc.log import configure_logging
-
-from .conftest import StartService
-from .support.extproc_client import (
+from extproc.service.app import Service
+from tests.conftest import StartService
+from tests.support.extproc_client import (
     request_headers,
     response_headers,
     response_trailers,

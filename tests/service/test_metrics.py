@@ -8,7 +8,6 @@ import re
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import grpc
@@ -16,38 +15,18 @@ from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.app import Service
-from extproc.demo_backend import make_demo_app
+from extproc.tools.demo_backend import make_demo_app
+from tests.conftest import StartService
+from tests.support.extproc_client import (
+    exchange,
+    request_headers,
+    response_trailers,
+    workload_headers,
+)
+from tests.support.metrics_page import scrape
+from tests.support.redis_server import RedisServer
 
-from .conftest import StartService
-from .support.extproc_client import request_headers, response_trailers, workload_headers
-from .support.redis_server import RedisServer
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-async def scrape(service: Service) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.get(f"http://127.0.0.1:{service.admin_port}/metrics") as reply,
-    ):
-        assert reply.status == 200
-        text = await reply.text()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
-    return samples
-
-
-async def exchange(channel: grpc.aio.Channel, message: Any, complete: bool = True) -> Any:
-    stream = pb_grpc.ExternalProcessorStub(channel).Process()
-    await stream.write(message)
-    answer = await stream.read()
-    if complete and answer.WhichOneof("response") == "request_headers":
-        await stream.write(response_trailers())
-        await stream.read()
-    return stream, answer
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def test_outcomes_waits_and_gauges(start_service: StartService) -> None:

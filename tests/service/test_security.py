@@ -17,12 +17,11 @@ from extproc.api.v1 import registry_pb2, registry_pb2_grpc
 from extproc.config import Settings
 from extproc.context import ContextError, ContextParser
 from extproc.log import configure_logging
-
-from .conftest import StartService
-from .support.backend import Backend
-from .support.certs import Authority
-from .support.envoy import Envoy, bundled_config
-from .support.extproc_client import response_trailers, workload_headers
+from tests.conftest import StartService
+from tests.support.backend import Backend
+from tests.support.certs import Authority
+from tests.support.envoy import Envoy, bundled_config
+from tests.support.extproc_client import response_trailers, workload_headers
 
 TOKEN = "s3cret-token-of-enough-length"
 

@@ -15,10 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from extproc.api.v1 import registry_pb2, registry_pb2_grpc
-from extproc.app import Service
-
-from .conftest import StartService
-from .support.extproc_client import (
+from extproc.service.app import Service
+from tests.conftest import StartService
+from tests.support.extproc_client import (
     eventually,
     immediate_headers,
     request_headers,

@@ -76,3 +76,13 @@ async def eventually_async(condition: Callable[[], Awaitable[bool]], within: flo
         if time.monotonic() > deadline:
             raise AssertionError("condition not met within the time limit")
         await asyncio.sleep(0.01)
+
+
+async def exchange(channel: grpc.aio.Channel, message: Any, complete: bool = True) -> Any:
+    stream = pb_grpc.ExternalProcessorStub(channel).Process()
+    await stream.write(message)
+    answer = await stream.read()
+    if complete and answer.WhichOneof("response") == "request_headers":
+        await stream.write(response_trailers())
+        await stream.read()
+    return stream, answer

@@ -14,14 +14,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from extproc.capacity.saturation import MetricsCapacity, Reading
 from extproc.clock import VirtualClock
 from extproc.contracts import Capacity
-from extproc.datastore import RegistryDatastore
+from extproc.flowcontrol.policies import make_policy
+from extproc.flowcontrol.queue import FlowController, FlowRequest, Ticket
 from extproc.outcomes import Outcome
-from extproc.policies import make_policy
-from extproc.queue import FlowController, FlowRequest, Ticket
-from extproc.registry import InMemoryWorkloadRegistry
-from extproc.saturation import MetricsCapacity, Reading
+from extproc.registry.datastore import RegistryDatastore
+from extproc.registry.memory import InMemoryWorkloadRegistry
 
 Job = tuple[Callable[[], None], Callable[[], None], float]
 

@@ -4,7 +4,7 @@ import asyncio
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from extproc.demo_backend import make_demo_app
+from extproc.tools.demo_backend import make_demo_app
 
 
 async def test_streams_tokens_and_echoes_the_workload() -> None:

@@ -6,10 +6,9 @@ import sys
 
 import grpc
 
-from extproc.top import sparkline
-
-from .conftest import StartService
-from .support.extproc_client import running_and_held
+from extproc.tools.top import sparkline
+from tests.conftest import StartService
+from tests.support.extproc_client import running_and_held
 
 
 def test_sparkline_scales_to_the_largest_value() -> None:

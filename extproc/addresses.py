@@ -1,0 +1,33 @@
+"""HOST:PORT addresses and URLs as the settings and logs see them.
+
+Kept on the ground floor so that every layer -- settings, the fleet's logs,
+the read APIs' token rule -- uses one parser and one redaction.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and `config show`."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname could resolve anywhere
