@@ -152,11 +152,16 @@ class EndpointStatus:
     kv_cache_usage: float | None
     """KV-cache utilisation, 0..1, at the last good scrape; None when not exported."""
     saturation: float | None
-    """The endpoint's saturation now, credit included; None when stale."""
+    """The endpoint's saturation now (estimated queue / threshold, or KV-cache use /
+    threshold); None when stale."""
     age: float | None
     """Seconds since the last good scrape; None before the first."""
     errors: int
     last_error: str
+    running: float | None = None
+    """Requests running inside the model server at the last good scrape, when exported."""
+    slots: float | None = None
+    """The gate's estimate of the server's slot count; None before the first scrape."""
 
 
 @dataclass(frozen=True, slots=True)
