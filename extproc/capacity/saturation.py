@@ -8,10 +8,14 @@ Per endpoint (`ServerLoad`; the endpoint picker keeps one per endpoint too)
   (dispatched, not completed) and B of them started (their first response
   byte came back, so the server is running them).
 - Slots S, the server's concurrency, learnt from the data (0 before any):
-  a scrape with W = 0 says S >= R and a first byte says S >= B: S rises to
-  them at once. A scrape with W > 0 says the server runs all it can, S = R
-  (fewer when KV-cache bound): S falls half-way to R, a decaying maximum, so
-  one scrape that caught a request between two scheduler steps costs little.
+  a scrape with W = 0 says S >= R, and so, while the latest scrape showed no
+  queue, does a first byte: S >= B. S rises to them at once. A scrape with
+  W > 0 says the server runs all it can, S = R (fewer when KV-cache bound):
+  S falls half-way to R, whole requests at a time (a decaying maximum, so one
+  scrape that caught a request between two scheduler steps costs little).
+  While the server queues, first bytes are not evidence: one request's last
+  byte and the next one's first cross on their way back, and B would count
+  both.
 - Foreign load F, what the server holds that this service did not send (other
   replicas, direct traffic): at each scrape F = max(0, W + R - I), with I at
   its highest while the scrape was out (so F is never overstated by our own
@@ -184,7 +188,8 @@ class ServerLoad:
         if running is None:
             running = max(0.0, ours - reading.waiting)
         if reading.waiting > 0:
-            self.slots = running if self.slots <= running else (self.slots + running) / 2
+            excess = max(0.0, self.slots - running)
+            self.slots = running + math.floor(excess / 2)
         else:
             self.slots = max(self.slots, running)
         self.foreign = max(0.0, reading.waiting + running - ours)
@@ -204,7 +209,8 @@ class ServerLoad:
     def started(self, share: float = 1.0) -> bool:
         """Count a first byte; True when it raised the slot estimate (room may have grown)."""
         self.started_in_flight = min(self.started_in_flight + share, self.in_flight)
-        if self.started_in_flight > self.slots + _EPSILON:
+        queueing = self.reading is not None and self.reading.waiting > 0
+        if not queueing and self.started_in_flight > self.slots + _EPSILON:
             self.slots = self.started_in_flight
             return True
         return False

@@ -44,6 +44,12 @@ def test_a_queue_inside_the_server_pulls_the_slot_estimate_half_way_to_running()
     assert server.room() == 0
     server.read(Reading(waiting=10, kv_cache_usage=None, running=8))
     assert server.slots == 10
+    for slots in (9, 8, 8):  # whole requests: the estimate reaches the truth
+        server.read(Reading(waiting=10, kv_cache_usage=None, running=8))
+        assert server.slots == slots
+    for _ in range(9):  # while the server queues, first bytes prove nothing
+        assert server.started() is False
+    assert server.slots == 8
     server.read(Reading(waiting=1, kv_cache_usage=None, running=12))  # below the truth: up at once
     assert server.slots == 12
 
