@@ -194,7 +194,8 @@ class Capacity(Protocol):
 
     name: str
     wants_first_byte: bool
-    """True when the gate learns from latency, so the response's first byte must be seen."""
+    """True when the gate uses each response's first byte (its latency, or the proof that
+    the server started the request), so the response headers must be seen."""
 
     def bind(self, wake: Callable[[], None]) -> None: ...
 
