@@ -21,6 +21,8 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from null_processor import ANSWERS  # bench/ is this script's directory
+
 from extproc import cli
 from extproc.contracts import QueuedRequest
 from extproc.flowcontrol.queue import FlowController, FlowRequest, Ticket
@@ -28,9 +30,6 @@ from extproc.outcomes import Outcome
 from extproc.registry.datastore import RegistryDatastore
 from extproc.service import extproc as handler_module
 from extproc.service.metrics import Metrics
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from null_processor import ANSWERS  # noqa: E402
 
 
 class _Silent:

@@ -18,7 +18,6 @@ import asyncio
 import collections
 import os
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
