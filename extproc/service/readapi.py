@@ -117,6 +117,8 @@ def capacity_proto(status: CapacityStatus) -> pb.Capacity:
                 scrape_age_seconds=e.age,
                 scrape_errors=e.errors,
                 last_error=e.last_error,
+                running=e.running,
+                slots=e.slots,
             )
             for e in status.endpoints
         ],

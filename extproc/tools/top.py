@@ -109,6 +109,8 @@ def capacity_lines(capacity: pb.Capacity) -> list[Text]:
     for endpoint in capacity.endpoints:
         waiting = f"{endpoint.waiting:.0f}" if endpoint.HasField("waiting") else "-"
         kv = f"{endpoint.kv_cache_usage:.0%}" if endpoint.HasField("kv_cache_usage") else "-"
+        running = f"{endpoint.running:.0f}" if endpoint.HasField("running") else "-"
+        slots = f"{endpoint.slots:.0f}" if endpoint.HasField("slots") else "-"
         age = (
             f"{endpoint.scrape_age_seconds:.2f}s ago"
             if endpoint.HasField("scrape_age_seconds")
@@ -116,7 +118,11 @@ def capacity_lines(capacity: pb.Capacity) -> list[Text]:
         )
         errors = f"   errors {endpoint.scrape_errors}" if endpoint.scrape_errors else ""
         lines.append(
-            Text(f"  {endpoint.url}   waiting {waiting}   kv {kv}   {age}{errors}", style="dim")
+            Text(
+                f"  {endpoint.url}   waiting {waiting}   running {running} of ~{slots} slots"
+                f"   kv {kv}   {age}{errors}",
+                style="dim",
+            )
         )
     return lines
 
