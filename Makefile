@@ -9,7 +9,7 @@ CAPACITY ?= static
 REPLICAS ?= 1
 ARGS ?=
 
-.PHONY: all install protos run test lint format fairness-report bench clean
+.PHONY: all install protos run test lint format fairness-report demo-fairness bench clean
 
 all: install
 
@@ -43,6 +43,11 @@ bench: install
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	$(BIN)/python -m pytest bench/test_micro.py -p no:cacheprovider --benchmark-columns=median,mean,ops -s
 	$(BIN)/python bench/run.py
+
+# Not part of `make test`: a flooding tenant against a light one through Envoy,
+# --policy fcfs then fair-share; per-tenant TTFT p50/p99, ITL and tokens/s.
+demo-fairness: install
+	$(BIN)/python bench/demo_fairness.py
 
 fairness-report: install
 	$(BIN)/python docs/fairness_report.py

@@ -283,7 +283,7 @@ def parse_ask(body: object, chat: bool, served: str, default_max_tokens: int) ->
     max_tokens = _optional_int(body, "max_completion_tokens" if limit is not None else "max_tokens")
     if max_tokens is not None and max_tokens < 1:
         raise OpenAIError("max_tokens must be at least 1", "max_tokens")
-    max_tokens = max_tokens or min(default_max_tokens, MAX_MODEL_LEN - len(prompt))
+    max_tokens = max_tokens or max(1, min(default_max_tokens, MAX_MODEL_LEN - len(prompt)))
     if len(prompt) + max_tokens > MAX_MODEL_LEN:
         raise OpenAIError(
             f"This model's maximum context length is {MAX_MODEL_LEN} tokens; the request has "
@@ -299,10 +299,11 @@ def parse_ask(body: object, chat: bool, served: str, default_max_tokens: int) ->
         raise OpenAIError(
             "Stream options can only be defined when `stream=True`.", "stream_options"
         )
-    include_usage = (options or {}).get("include_usage") if isinstance(options, dict) else None
-    if options is not None and not isinstance(include_usage, bool | None):
-        raise OpenAIError("stream_options must be an object with include_usage a boolean",
-                          "stream_options")  # fmt: skip
+    include_usage = options.get("include_usage") if isinstance(options, dict) else None
+    if not isinstance(options, dict | None) or not isinstance(include_usage, bool | None):
+        raise OpenAIError(
+            "stream_options must be an object with include_usage a boolean", "stream_options"
+        )
     return Ask(chat, prompt, max_tokens, stream, bool(include_usage))
 
 

@@ -118,6 +118,12 @@ async def test_the_stream_ends_with_done(base: str) -> None:
             "stream_options",
             "stream=True",
         ),
+        (
+            "/v1/completions",
+            b'{"prompt": "x", "stream": true, "stream_options": 1}',
+            "stream_options",
+            "an object",
+        ),
         ("/v1/chat/completions", b'{"messages": []}', "messages", "non-empty"),
         ("/v1/chat/completions", b'{"messages": [{"content": "x"}]}', "messages", "role"),
         (
