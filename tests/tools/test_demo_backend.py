@@ -251,3 +251,24 @@ async def test_the_workload_headers_come_back(base: str) -> None:
     )
     assert raw.headers["x-demo-workload-id"] == "team-a"
     assert raw.headers["x-demo-queue-wait-ms"] == "12"
+
+
+async def test_a_client_that_leaves_mid_answer_frees_its_slot() -> None:
+    timing = Timing(first_token=0.0, inter_token=0.05)
+    async with demo_server(1, timing=timing) as base, aiohttp.ClientSession() as http:
+        url = f"{base}/v1/completions"
+        reply = await http.post(url, json=completion(1000))  # 50 s if read to the end
+        await reply.content.readline()
+        reply.close()  # gone after the first token
+        deadline = time.monotonic() + 10
+        while (await metrics(base))["vllm:num_requests_running"] != 0:
+            assert time.monotonic() < deadline, "the abandoned request still runs"
+            await asyncio.sleep(0.05)
+        seen = await metrics(base)
+        assert seen["vllm:kv_cache_usage_perc"] == 0
+        assert seen["vllm:generation_tokens_total"] < 1000
+        assert seen["vllm:e2e_request_latency_seconds_count"] == 0  # not finished
+        async with http.post(url, json=completion(2, stream=False)) as second:
+            assert (await second.json())["usage"]["completion_tokens"] == 2
+        async with http.get(f"{base}/health") as health:
+            assert health.status == 200
