@@ -5,11 +5,12 @@ that the official `openai` SDK (and curl with a JSON body, LangChain, LLM
 benchmarks) works unchanged: `POST /v1/chat/completions` and
 `POST /v1/completions` (`model`, `messages`/`prompt`, `max_tokens`, `stream`,
 `stream_options.include_usage`), answered as one JSON object with `choices`
-and `usage` or as server-sent `chunk`s with `choices[].delta` (`text` for
-completions) ending in `data: [DONE]`; `GET /v1/models`, `GET /health`; bad requests get a
-400 with `{"error": {"message", "type", "param", "code"}}`, an unknown model a
-404. The answer is made-up words: exactly `max_tokens` of them (the server's
-`max_tokens` when the request names none), `finish_reason` "length".
+and `usage`, or as server-sent chunks with `choices[].delta` (`text` for
+completions) ending in `data: [DONE]`; `GET /v1/models` and `GET /health`.
+Bad requests get a 400 with `{"error": {"message", "type", "param", "code"}}`,
+an unknown model a 404. The answer is made-up words: exactly `max_tokens` of
+them (`--max-tokens` when the request names none), `finish_reason` "length".
+One prompt and one choice per request (no batches, no `n` > 1).
 
 Timing model (all times divided by `Timing.speed`, so speed 2 is twice as fast):
 - Admission: at most `concurrency` requests run at once; the rest wait inside
