@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from tests.support.demo_server import completion
 from tests.support.demo_stack import DemoStack
 from tests.support.demo_stack import demo_stack as start_demo_stack
 from tests.support.extproc_client import eventually
@@ -87,8 +88,8 @@ async def test_adaptive_learns_from_first_bytes_that_envoy_sends_on_request(
     assert status.min_latency < 0.25  # first byte, not the 0.5 s response
     assert 2 <= status.limit <= 16
     # The override kept response trailers: a request stays in flight until its last byte.
-    url = f"http://127.0.0.1:{stack.envoy.port}/v1/completions?tokens=4&duration=1.5"
-    async with stack.http.get(url) as reply:
+    url = f"http://127.0.0.1:{stack.envoy.port}/v1/completions"
+    async with stack.http.post(url, json=completion(15)) as reply:
         await reply.content.readline()  # the first event: the response has begun
         assert stack.service.flow.in_flight == 1
         await reply.read()
