@@ -187,7 +187,8 @@ class Capacity(Protocol):
 
     The flow controller reports each dispatched request's life: `on_dispatch`
     when it takes a slot, `on_latency` once with its dispatch-to-first-byte
-    time (when known), `on_release` when it gives the slot back. A gate whose
+    time (when known), `on_release` when it gives the slot back (`started`: its
+    first byte was reported, so the server had begun it). A gate whose
     room can grow without a release (a new scrape, a raised limit) calls the
     `wake` callback it was bound to, and the controller dispatches at once.
     """
@@ -205,7 +206,7 @@ class Capacity(Protocol):
 
     def on_latency(self, seconds: float, dispatched_at: float) -> None: ...
 
-    def on_release(self) -> None: ...
+    def on_release(self, started: bool) -> None: ...
 
     def status(self) -> CapacityStatus: ...
 

@@ -154,8 +154,12 @@ class ServerLoad:
 
     __slots__ = (
         "_clock",
+        "_learns_from_first_bytes",
+        "_low_in_flight",
         "_options",
         "_peak_in_flight",
+        "_proven",
+        "_seen_first_byte",
         "errors",
         "foreign",
         "in_flight",
@@ -166,41 +170,59 @@ class ServerLoad:
         "started_in_flight",
     )
 
-    def __init__(self, clock: Clock, options: SaturationOptions) -> None:
+    def __init__(
+        self, clock: Clock, options: SaturationOptions, *, learns_from_first_bytes: bool = True
+    ) -> None:
         self._clock = clock
         self._options = options
+        self._learns_from_first_bytes = learns_from_first_bytes
+        """False when the caller only guesses which requests went here (shares): then a
+        first byte may belong to another server and only scrapes set S."""
         self.reading: Reading | None = None
         self.read_at: float | None = None
         self.in_flight = 0.0
         self.started_in_flight = 0.0
         self.slots = 0.0
         """The learnt slot count S."""
+        self._proven = 0.0
+        """The most running a scrape confirmed the server can hold; first bytes raise S
+        at most the threshold above it."""
+        self._seen_first_byte = False
         self.foreign = 0.0
         self._peak_in_flight: float | None = None
         """The most in flight since the pending scrape was sent; None: no scrape out."""
+        self._low_in_flight: float | None = None
+        """The fewest in flight since the pending scrape was sent."""
         self.errors = 0
         self.last_error = ""
 
     def begin_read(self) -> None:
-        self._peak_in_flight = self.in_flight
+        self._peak_in_flight = self._low_in_flight = self.in_flight
 
     def read(self, reading: Reading) -> None:
-        ours = self.in_flight if self._peak_in_flight is None else self._peak_in_flight
-        self._peak_in_flight = None
+        peak = self.in_flight if self._peak_in_flight is None else self._peak_in_flight
+        low = self.in_flight if self._low_in_flight is None else self._low_in_flight
+        self._peak_in_flight = self._low_in_flight = None
         running = reading.running
         if running is None:
-            running = max(0.0, ours - reading.waiting)
+            # Only what was surely there when the page was rendered, and, once first
+            # bytes are seen to arrive, only what they prove started.
+            running = max(0.0, low - reading.waiting)
+            if self._seen_first_byte:
+                running = min(running, self.started_in_flight)
         if reading.waiting > 0:
             excess = max(0.0, self.slots - running)
             self.slots = running + math.floor(excess / 2)
+            self._proven = running
         else:
             self.slots = max(self.slots, running)
-        self.foreign = max(0.0, reading.waiting + running - ours)
+            self._proven = max(self._proven, running)
+        self.foreign = max(0.0, reading.waiting + running - peak)
         self.reading = reading
         self.read_at = self._clock.now()
 
     def fail(self, error: str) -> None:
-        self._peak_in_flight = None
+        self._peak_in_flight = self._low_in_flight = None
         self.errors += 1
         self.last_error = error
 
@@ -211,17 +233,27 @@ class ServerLoad:
 
     def started(self, share: float = 1.0) -> bool:
         """Count a first byte; True when it raised the slot estimate (room may have grown)."""
+        self._seen_first_byte = True
         self.started_in_flight = min(self.started_in_flight + share, self.in_flight)
         queueing = self.reading is not None and self.reading.waiting > 0
-        if not queueing and self.started_in_flight > self.slots + _EPSILON:
-            self.slots = self.started_in_flight
+        if queueing or not self._learns_from_first_bytes:
+            return False
+        # A completion still on its way back leaves B one too high per request in
+        # transit: first bytes alone never take S past the threshold above what a
+        # scrape proved.
+        raised = min(self.started_in_flight, self._proven + self._options.waiting_threshold)
+        if raised > self.slots + _EPSILON:
+            self.slots = raised
             return True
         return False
 
-    def completed(self, share: float = 1.0) -> None:
+    def completed(self, share: float = 1.0, *, started: bool = True) -> None:
+        """Count a request's end; `started`: its first byte was counted (`started`)."""
         self.in_flight = max(0.0, self.in_flight - share)
-        # Most requests end after their first byte; one that did not makes B low, not high.
-        self.started_in_flight = max(0.0, self.started_in_flight - share)
+        if self._low_in_flight is not None:
+            self._low_in_flight = min(self._low_in_flight, self.in_flight)
+        if started:
+            self.started_in_flight = max(0.0, self.started_in_flight - share)
 
     def fresh(self) -> bool:
         return self.read_at is not None and (
@@ -243,10 +275,11 @@ class ServerLoad:
         return self._options.waiting_threshold + self.slots - self.in_flight - self.foreign
 
     def room(self) -> int:
-        """Whole requests it can take now: 0 when stale or saturated."""
+        """Whole requests it can take now without its queue passing the threshold: 0 when
+        stale or saturated (a threshold of 2.5 lets the queue reach 2, never 3)."""
         if not self.fresh():
             return 0
-        return max(0, math.ceil(self.headroom() - _EPSILON))
+        return max(0, math.floor(self.headroom() + _EPSILON))
 
     def saturation(self) -> float:
         """max(queue / threshold, kv / kv threshold): dispatch only below 1."""
@@ -273,7 +306,10 @@ class MetricsCapacity(Gate):
         if not urls:
             raise ValueError("the metrics gate needs at least one endpoint")
         self.options = options or SaturationOptions()
-        self._servers = {url: ServerLoad(clock, self.options) for url in urls}
+        learns = len(urls) == 1  # behind round robin a first byte may be another's
+        self._servers = {
+            url: ServerLoad(clock, self.options, learns_from_first_bytes=learns) for url in urls
+        }
         self._share = 1.0 / len(urls)
         self._clock = clock
         self._fallback = fallback
@@ -313,7 +349,8 @@ class MetricsCapacity(Gate):
         ceiling = self._fallback.limit
         if ceiling and in_flight >= ceiling:
             return False
-        return all(server.headroom() > _EPSILON for server in fresh)
+        # Each endpoint may be charged this dispatch's share: it must fit whole.
+        return all(server.headroom() >= self._share - _EPSILON for server in fresh)
 
     def on_dispatch(self) -> None:
         for server in self._servers.values():
@@ -326,9 +363,9 @@ class MetricsCapacity(Gate):
         if grew:
             self._wake()
 
-    def on_release(self) -> None:
+    def on_release(self, started: bool) -> None:
         for server in self._servers.values():
-            server.completed(self._share)
+            server.completed(self._share, started=started)
 
     def status(self) -> CapacityStatus:
         endpoints = tuple(

@@ -31,7 +31,7 @@ class Gate:
     def on_latency(self, seconds: float, dispatched_at: float) -> None:
         pass
 
-    def on_release(self) -> None:
+    def on_release(self, started: bool) -> None:
         pass
 
 

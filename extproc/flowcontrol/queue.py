@@ -300,7 +300,7 @@ class FlowController:
 
     def _free_slot(self, ticket: Ticket) -> None:
         self._in_flight -= 1
-        self.capacity.on_release()
+        self.capacity.on_release(ticket._sampled)
         dispatched_at = ticket.request.enqueued_at + ticket.wait_time
         self._policy.on_done(ticket.request, self._clock.now() - dispatched_at)
         self._rekey(ticket.request.workload_id)

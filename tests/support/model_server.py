@@ -4,7 +4,11 @@ controller and a capacity gate in front of it.
 The server has `slots` requests running at once; the rest wait in its own
 FIFO, where no fairness applies. A running request sends its first byte
 `ttft` seconds after it starts and finishes after its service time. Its
-metrics page is vLLM's (waiting and running), as of the instant it is read.
+metrics page is vLLM's (waiting and running, or waiting alone), as of the
+instant it is read. Between the service and the server the harness may put
+transit: each request reaches the server, and its first and last bytes reach
+the service, after an independent uniform delay of up to `transit` seconds
+(a proxy hop, a busy event loop), so completions and first bytes can cross.
 It integrates its running and waiting counts over time, exactly, for
 utilisation and mean-queue figures.
 """
@@ -39,8 +43,11 @@ class Scraped(Protocol):
 
 
 class SimModelServer:
-    def __init__(self, clock: VirtualClock, slots: int, ttft: float) -> None:
+    def __init__(
+        self, clock: VirtualClock, slots: int, ttft: float, *, running_series: bool = True
+    ) -> None:
         self.clock = clock
+        self.running_series = running_series
         self.slots = slots
         self.ttft = ttft
         self.running = 0
@@ -81,7 +88,8 @@ class SimModelServer:
         self.max_waiting = max(self.max_waiting, self._start_next())
 
     def reading(self) -> Reading:
-        return Reading(waiting=len(self.waiting), kv_cache_usage=None, running=self.running)
+        running = self.running if self.running_series else None
+        return Reading(waiting=len(self.waiting), kv_cache_usage=None, running=running)
 
     def _start_next(self) -> int:
         while self.waiting and self.running < self.slots:
@@ -120,8 +128,11 @@ class Harness:
         service: float,
         *,
         first_bytes: bool = True,
+        transit: float = 0.0,
     ) -> None:
         self.clock = clock
+        self.transit = transit
+        self.transit_rng = random.Random(11)
         self.server = server
         self.service = service
         self.first_bytes = first_bytes
@@ -179,8 +190,15 @@ class Harness:
         if ticket.outcome is Outcome.DISPATCHED:
             self.trace.dispatched += 1
             service = self.rng.expovariate(1.0 / self.service)
-            first_byte = ticket.first_byte if self.first_bytes else lambda: None
-            self.server.submit(first_byte, ticket.close, service)
+            first_byte = self._late(ticket.first_byte) if self.first_bytes else lambda: None
+            done = self._late(ticket.close)
+            self._late(lambda: self.server.submit(first_byte, done, service))()
+
+    def _late(self, event: Callable[[], None]) -> Callable[[], None]:
+        """`event`, delivered after up to `transit` seconds."""
+        if not self.transit:
+            return event
+        return lambda: self.clock.call_later(self.transit_rng.uniform(0, self.transit), event)
 
 
 @dataclass(frozen=True)
@@ -196,6 +214,10 @@ class Scenario:
     overload: float = 1.5
     first_bytes: bool = True
     """False: no first byte reaches the gate (a non-streaming server)."""
+    transit: float = 0.0
+    """Each way, each event: up to this many seconds between the service and the server."""
+    running_series: bool = True
+    """False: the server exports no running gauge."""
     duration: float = 300.0
     warm_up: float = 0.1
     """The fraction of the run left out of the figures."""
@@ -217,9 +239,13 @@ def run_scenario(scenario: Scenario, make_gate: GateFactory) -> Result:
     """Flood the simulated server through `make_gate`'s gate; scrape it if the gate scrapes."""
     clock = VirtualClock()
     until = scenario.duration * scenario.service
-    server = SimModelServer(clock, scenario.slots, ttft=min(0.05, scenario.service / 10))
+    ttft = min(0.05, scenario.service / 10)
+    server = SimModelServer(clock, scenario.slots, ttft, running_series=scenario.running_series)
     gate = make_gate(clock, scenario)
-    harness = Harness(clock, server, gate, scenario.service, first_bytes=scenario.first_bytes)
+    harness = Harness(
+        clock, server, gate, scenario.service,
+        first_bytes=scenario.first_bytes, transit=scenario.transit,
+    )  # fmt: skip
     harness.arrivals(scenario.overload * scenario.slots / scenario.service, until)
     if isinstance(gate, Scraped):
         delay = min(0.01, scenario.interval / 5)
