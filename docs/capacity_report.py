@@ -4,12 +4,18 @@ on virtual time: slots 4 and 64, exponential service times of mean 50 ms, 500 ms
 arrivals at 1.5x the server's capacity for 300 mean service times, the first 10% left
 out. Prints, per server and service time, each gate's slot utilisation and mean queue
 inside the server (worst over the scrape intervals). Deterministic:
-`.venv/bin/python docs/capacity_report.py`."""
+`.venv/bin/python docs/capacity_report.py`; `--before 5d5c4a2` adds a column for the
+metrics gate as it was at that commit (its module read from git, run on today's
+simulator), the README's "metrics, before"."""
 
 from __future__ import annotations
 
+import argparse
+import subprocess
 import sys
+import types
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -19,8 +25,9 @@ from extproc.capacity.static import StaticCapacity
 from extproc.clock import VirtualClock
 from extproc.contracts import Capacity
 from extproc.log import configure_logging
-from tests.support.model_server import Result, Scenario, run_scenario
+from tests.support.model_server import GateFactory, Result, Scenario, run_scenario
 
+ROOT = Path(__file__).resolve().parents[1]
 SERVERS = ((4, 2), (64, 5))
 """(slots, --waiting-threshold)."""
 SERVICE_TIMES = (0.05, 0.5, 10.0)
@@ -41,7 +48,35 @@ def adaptive(clock: VirtualClock, scenario: Scenario) -> Capacity:
     return AdaptiveCapacity(clock, AdaptiveOptions(max_limit=4 * scenario.slots))
 
 
-GATES = {"static, limit 2 x slots": static, "metrics": metrics, "adaptive": adaptive}
+GATES: dict[str, GateFactory] = {
+    "static, limit 2 x slots": static,
+    "metrics": metrics,
+    "adaptive": adaptive,
+}
+
+
+def metrics_at(commit: str) -> GateFactory:
+    """The metrics gate of `commit` (extproc/capacity/saturation.py read from git)."""
+    source = subprocess.run(
+        ["git", "show", f"{commit}:extproc/capacity/saturation.py"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    module = types.ModuleType(f"saturation_{commit}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, f"{commit}:saturation.py", "exec"), module.__dict__)
+    old: Any = module
+
+    class Before(old.MetricsCapacity):  # type: ignore[misc]
+        def on_release(self, started: bool) -> None:
+            super().on_release()  # the contract of that day: no `started`
+
+    def make(clock: VirtualClock, scenario: Scenario) -> Capacity:
+        stale = max(1.0, 3 * scenario.interval)
+        options = old.SaturationOptions(waiting_threshold=scenario.threshold, stale_after=stale)
+        gate: Capacity = Before(["sim"], clock, StaticCapacity(0), options)
+        return gate
+
+    return make
 
 
 def worst(results: list[Result]) -> str:
@@ -51,14 +86,25 @@ def worst(results: list[Result]) -> str:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--before", metavar="COMMIT", help="add that commit's metrics gate")
+    args = parser.parse_args()
     configure_logging("console", "error")
-    header = "| slots, threshold | mean service | " + " | ".join(GATES) + " |"
+    gates = dict(GATES)
+    if args.before:
+        gates = {
+            "static, limit 2 x slots": static,
+            "metrics, before": metrics_at(args.before),
+            "metrics": metrics,
+            "adaptive": adaptive,
+        }
+    header = "| slots, threshold | mean service | " + " | ".join(gates) + " |"
     print(header)
-    print("|" + " --- |" * (2 + len(GATES)))
+    print("|" + " --- |" * (2 + len(gates)))
     for slots, threshold in SERVERS:
         for service in SERVICE_TIMES:
             cells = []
-            for make_gate in GATES.values():
+            for make_gate in gates.values():
                 results = [
                     run_scenario(Scenario(slots, service, interval, threshold), make_gate)
                     for interval in INTERVALS

@@ -38,8 +38,14 @@ async def test_metrics_gate_keeps_the_model_server_busy_and_its_queue_at_its_thr
     demo_stack: MakeDemoStack,
 ) -> None:
     # The scenario of `make bench`'s capacity table, shorter; bounds loose for a busy machine.
+    # A scrape stalled by a loaded machine must not hand the flood to the static limit
+    # (64): the metrics stay good for seconds, longer than any stall seen here.
     stack = await demo_stack(
-        duration=0.2, capacity="metrics", waiting_threshold=THRESHOLD, max_concurrency=64
+        duration=0.2,
+        capacity="metrics",
+        waiting_threshold=THRESHOLD,
+        max_concurrency=64,
+        backend_metrics_stale=5.0,
     )
     assert stack.service.flow.capacity.status().fallback is False  # scraped before serving
     queued_peak = 0
@@ -62,8 +68,11 @@ async def test_metrics_gate_keeps_the_model_server_busy_and_its_queue_at_its_thr
     assert max(flood.waiting) <= THRESHOLD + 2, flood.waiting
     assert await stack.backend_metric("demo_backend_max_waiting") <= THRESHOLD + 2
     status = stack.service.flow.capacity.status()
-    assert status.fallback is False  # a scrape may time out on a busy machine; not many
-    assert status.endpoints[0].slots == SLOTS
+    assert status.fallback is False
+    # Learnt from scrapes and first bytes: never far above the truth, whatever the timing.
+    slots = status.endpoints[0].slots
+    assert slots is not None
+    assert slots <= SLOTS + THRESHOLD
     await eventually(lambda: stack.service.flow.in_flight == 0)
 
 
