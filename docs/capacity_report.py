@@ -6,7 +6,9 @@ out. Prints, per server and service time, each gate's slot utilisation and mean 
 inside the server (worst over the scrape intervals). Deterministic:
 `.venv/bin/python docs/capacity_report.py`; `--before 5d5c4a2` adds a column for the
 metrics gate as it was at that commit (its module read from git, run on today's
-simulator), the README's "metrics, before"."""
+simulator), the README's "metrics, before"; `--transit` prints instead the metrics
+gate with up to 0-20 ms of transit each way (requests, first and last bytes crossing),
+with and without the running gauge: slots busy / mean / peak waiting in the server."""
 
 from __future__ import annotations
 
@@ -85,11 +87,42 @@ def worst(results: list[Result]) -> str:
     return f"{low:.0%} / {high:.1f}"
 
 
+TRANSITS = (0.0, 0.005, 0.02)
+
+
+def transit_cell(slots: int, threshold: float, service: float, **more: Any) -> str:
+    results = []
+    for interval in INTERVALS:
+        scenario = Scenario(slots, service, interval, threshold, **more)
+        results.append(run_scenario(scenario, metrics))
+    return f"{worst(results)} / {max(r.max_waiting for r in results)}"
+
+
+def transit_table() -> None:
+    header = "| slots, threshold | mean service | running gauge | "
+    print(header + " | ".join(f"transit {t * 1000:g} ms" for t in TRANSITS) + " |")
+    print("|" + " --- |" * (3 + len(TRANSITS)))
+    for slots, threshold in SERVERS:
+        for service in SERVICE_TIMES:
+            for running in (True, False):
+                cells = [
+                    transit_cell(slots, threshold, service, transit=t, running_series=running)
+                    for t in TRANSITS
+                ]
+                gauge = "yes" if running else "no"
+                row = f"| {slots}, {threshold:g} | {service * 1000:g} ms | {gauge} | "
+                print(row + " | ".join(cells) + " |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", metavar="COMMIT", help="add that commit's metrics gate")
+    parser.add_argument("--transit", action="store_true", help="the metrics gate under transit")
     args = parser.parse_args()
     configure_logging("console", "error")
+    if args.transit:
+        transit_table()
+        return 0
     gates = dict(GATES)
     if args.before:
         gates = {

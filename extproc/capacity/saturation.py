@@ -6,63 +6,88 @@ Per endpoint (`ServerLoad`; the endpoint picker keeps one per endpoint too)
   W, running R (when exported) and KV-cache use. Between scrapes the service
   knows, live and exactly, its own requests to that server: I in flight
   (dispatched, not completed) and B of them started (their first response
-  byte came back, so the server is running them).
+  byte came back, so the server ran them; a request that ends without one
+  never counted in B, so it is not taken out of it).
 - Slots S, the server's concurrency, learnt from the data (0 before any):
-  a scrape with W = 0 says S >= R, and so, while the latest scrape showed no
-  queue, does a first byte: S >= B. S rises to them at once. A scrape with
-  W > 0 says the server runs all it can, S = R (fewer when KV-cache bound):
-  S falls half-way to R, whole requests at a time (a decaying maximum, so one
-  scrape that caught a request between two scheduler steps costs little).
-  While the server queues, first bytes are not evidence: one request's last
-  byte and the next one's first cross on their way back, and B would count
-  both.
+  a scrape with W = 0 says S >= R, and proves P = max(P, R). While the latest
+  scrape showed no queue a first byte says S >= B, but only up to P + the
+  threshold: a completion still on its way back and the first byte of the
+  request that took its slot cross, and B counts both. S rises to these at
+  once. A scrape with W > 0 says the server runs all it can, S = R = P (fewer
+  when KV-cache bound): S falls half-way to R, whole requests at a time (a
+  decaying maximum, so one scrape that caught a request between two
+  scheduler steps costs little). While the server queues, first bytes are
+  not evidence.
+- Without a running series R is estimated as min(I throughout the scrape,
+  B once first bytes arrive) - W: only what was surely there when the page
+  was rendered (dispatches during the scrape may not have arrived).
 - Foreign load F, what the server holds that this service did not send (other
   replicas, direct traffic): at each scrape F = max(0, W + R - I), with I at
   its highest while the scrape was out (so F is never overstated by our own
-  dispatches). Without a running series R is taken to be I - W, and F = 0.
+  dispatches).
 - The rule: the server's estimated queue is I + F - S; it may take
-  room = ceil(threshold + S - I - F) more (none below 0), and none while its
-  KV-cache use is at or above its threshold. A completion frees room at once
-  (I drops) and a first byte may raise S at once: scrapes set S and F but do
-  not pace dispatch.
+  room = floor(threshold + S - I - F) more whole requests (a threshold of 2.5
+  lets 2 queue, never 3), and none while its KV-cache use is at or above its
+  threshold. A completion frees room at once and a first byte may raise S at
+  once: scrapes set S, P and F but do not pace dispatch.
 
 Guarantees (one endpoint, requests only through this service, exact counts)
-- Bounded queue: with S <= the true slot count, the server's queue
-  max(0, I + F - S_true) <= I + F - S <= threshold at every dispatch.
+- Bounded queue: while S <= the true slot count, the server's queue
+  max(0, I + F - S_true) <= I + F - S <= threshold at every dispatch. S
+  exceeds the truth only by first bytes past a late completion, and by at
+  most the threshold above a scrape-proven R (<= S_true), so the queue is at
+  most twice the threshold in the worst case, until the next scrape shows it.
+  On the simulator (exact counts, up to 5 ms of transit each way, with and
+  without the running gauge) the queue never passed the threshold; with
+  20 ms it reached threshold + 2 (4 slots, 50 ms requests).
 - Work-conserving: while requests wait here the server holds S + threshold
-  of them, so every slot is busy once S >= S_true - threshold; below that the
-  threshold's extra requests start, their first bytes (or the next scrape's R)
-  raise S by up to the threshold, one first-byte time (or one interval) at a
-  time, so the gap closes in ceil((S_true - S) / threshold) rounds.
+  of them, so every slot is busy once S >= S_true - threshold. Below that
+  the threshold's extra requests start and their first bytes raise S by up
+  to the threshold per round trip, capped at P + threshold; each scrape
+  lifts P to what runs, so from a cold start S reaches the truth in about
+  S_true / (2 x threshold) intervals (the grid's warm-up spans 8).
 
 Failure modes
-- S above the truth (the server lost capacity, e.g. KV-cache pressure): the
-  queue may reach threshold + (S - S_true) until a scrape shows W > 0; then
-  the excess halves every scrape.
+- Transit: I counts a request from dispatch until its last byte is back, so
+  a request on its way to or from the server holds a slot here while the
+  server's slot is free. When throughput x transit time approaches the
+  threshold, slots go idle: 64 slots of 50 ms behind 20 ms of transit each
+  way are ~40% busy (docs/capacity_report.py --transit). Raise the threshold
+  by the requests in transit (throughput x round trip) on such paths.
+- S above the truth (the server lost capacity, e.g. KV-cache pressure; or
+  late completions): the queue may reach threshold + (S - S_true) until a
+  scrape shows W > 0; then the excess halves every scrape.
 - First byte only at the end (a non-streaming server behind a buffering
   proxy): B rises only with R at scrapes, so S ramps by up to the threshold
   per interval, as the old gate did at all times; steady state is unaffected.
-- A request released without a first byte (reset before headers) leaves B
-  one too low until B next reaches 0: S learns more slowly, never too high.
+- Error responses Envoy makes itself (503 on a refused connection) must not
+  count as first bytes; `extproc.service` is to count only responses from
+  the backend (branch i16, `via_upstream`).
 - Foreign load is seen only by scrapes: other replicas dispatching in the
   same interval can each fill the same free slots (replicas x threshold).
-- I counts a request from dispatch until Envoy sees its last byte, not only
-  while the server holds it: in transit it errs towards fuller.
 
 Pool (`MetricsCapacity`): Envoy spreads requests over the endpoints and the
 service does not learn which went where, so every endpoint is charged an
 equal share of each event; a request is dispatched while every fresh endpoint
-has room (the worst endpoint's saturation, max(estimated queue / threshold,
-kv / kv threshold), is below 1), never past `--max-concurrency` when set. An
-endpoint whose last good scrape is older than `stale_after` is ignored; when
-every endpoint is, the static limit (`--max-concurrency`) rules: old metrics
-never halt dispatch, nor open it wide.
+has room for its share (headroom >= 1/N), never past `--max-concurrency`
+when set. A first byte may come from any endpoint, so with several only the
+scrapes set S (S ramps by up to the threshold per interval, as without first
+bytes), and the bounds above hold per endpoint only as far as the balancer
+spreads evenly: round robin over unequal servers, or requests of unequal
+length, can put more than its share on one and queue there beyond the
+threshold until its scrape shows it. An endpoint whose last good scrape is
+older than `stale_after` is ignored; when every endpoint is, the static limit
+(`--max-concurrency`) rules: old metrics never halt dispatch, nor open it
+wide.
 
-Measured on the simulator (docs/capacity_report.py; the same grid, shorter,
-in tests/capacity/test_saturation.py): 4 and 64 slots, mean service times
-50 ms-10 s, scrapes every 50 ms-1 s, arrivals at 1.5x capacity: every slot
-busy and the server's queue at the threshold, never above, in each of the 18
-combinations. The previous rule (every dispatch since the scrape counted as
+Measured on the simulator (docs/capacity_report.py; the same grid, longer
+warm-up, in tests/capacity/test_saturation.py, with up to 5 ms of transit and
+without the running gauge too): 4 and 64 slots, mean service times 50 ms-10 s,
+scrapes every 50 ms-1 s, arrivals at 1.5x capacity: every slot busy and the
+server's queue at the threshold, never above -- except where the cold-start
+ramp (paced by scrapes) is long against the 300-request run: 64 slots of
+50 ms scraped every second, 96% busy (82% without the running gauge).
+The previous rule (every dispatch since the scrape counted as
 waiting) kept the slots 1-28% busy whenever service times were short against
 the interval. End to end (bench/capacity.py, 4 slots, 200 ms): the throughput
 of a static limit with 1.9 requests queued in the server instead of 33.
