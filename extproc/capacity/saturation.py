@@ -185,6 +185,7 @@ class ServerLoad:
         "_peak_in_flight",
         "_proven",
         "_seen_first_byte",
+        "_seen_queue",
         "errors",
         "foreign",
         "in_flight",
@@ -213,6 +214,10 @@ class ServerLoad:
         """The most running a scrape confirmed the server can hold; first bytes raise S
         at most the threshold above it."""
         self._seen_first_byte = False
+        self._seen_queue = False
+        """A scrape has caught the server queueing with its running gauge, which was then
+        its true slot count: from then on first bytes may not take S past what scrapes
+        proved."""
         self.foreign = 0.0
         self._peak_in_flight: float | None = None
         """The most in flight since the pending scrape was sent; None: no scrape out."""
@@ -239,6 +244,8 @@ class ServerLoad:
             excess = max(0.0, self.slots - running)
             self.slots = running + math.floor(excess / 2)
             self._proven = running
+            # An estimated R (no gauge) may be short by requests in transit: no pin.
+            self._seen_queue = reading.running is not None
         else:
             self.slots = max(self.slots, running)
             self._proven = max(self._proven, running)
@@ -264,9 +271,10 @@ class ServerLoad:
         if queueing or not self._learns_from_first_bytes:
             return False
         # A completion still on its way back leaves B one too high per request in
-        # transit: first bytes alone never take S past the threshold above what a
-        # scrape proved.
-        raised = min(self.started_in_flight, self._proven + self._options.waiting_threshold)
+        # transit: first bytes never take S past what a scrape proved, plus the
+        # threshold while the server has never been seen full (the cold start).
+        margin = 0.0 if self._seen_queue else self._options.waiting_threshold
+        raised = min(self.started_in_flight, self._proven + margin)
         if raised > self.slots + _EPSILON:
             self.slots = raised
             return True

@@ -160,6 +160,19 @@ def test_first_bytes_raise_the_slot_count_at_most_the_threshold_above_what_a_scr
     assert server.slots == 9
 
 
+def test_once_a_scrape_caught_the_server_full_first_bytes_add_nothing_to_what_it_proved() -> None:
+    server, _ = load(threshold=2)
+    for _ in range(6):
+        server.dispatched()
+    server.read(Reading(waiting=2, kv_cache_usage=None, running=4))  # full: 4 slots
+    server.read(Reading(waiting=0, kv_cache_usage=None, running=4))
+    for _ in range(6):  # late completions: 6 first bytes counted, 4 running
+        server.started()
+    assert server.slots == 4
+    server.read(Reading(waiting=0, kv_cache_usage=None, running=5))  # it grew: scrapes see it
+    assert server.slots == 5
+
+
 def test_without_a_running_series_dispatches_during_a_scrape_do_not_read_as_running() -> None:
     server, _ = load(threshold=2)
     server.read(Reading(waiting=0, kv_cache_usage=None))
