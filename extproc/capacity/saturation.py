@@ -11,13 +11,14 @@ Per endpoint (`ServerLoad`; the endpoint picker keeps one per endpoint too)
 - Slots S, the server's concurrency, learnt from the data (0 before any):
   a scrape with W = 0 says S >= R, and proves P = max(P, R). While the latest
   scrape showed no queue a first byte says S >= B, but only up to P + the
-  threshold: a completion still on its way back and the first byte of the
-  request that took its slot cross, and B counts both. S rises to these at
-  once. A scrape with W > 0 says the server runs all it can, S = R = P (fewer
-  when KV-cache bound): S falls half-way to R, whole requests at a time (a
-  decaying maximum, so one scrape that caught a request between two
-  scheduler steps costs little). While the server queues, first bytes are
-  not evidence.
+  threshold, and only up to P once a scrape with the running gauge has
+  caught the server queueing (R was then its true slot count): a completion
+  still on its way back and the first byte of the request that took its
+  slot cross, and B counts both. S rises to these at once. A scrape with
+  W > 0 says the server runs all it can, S = R = P (fewer when KV-cache
+  bound): S falls half-way to R, whole requests at a time (a decaying
+  maximum, so one scrape that caught a request between two scheduler steps
+  costs little). While the server queues, first bytes are not evidence.
 - Without a running series R is estimated as min(I throughout the scrape,
   B once first bytes arrive) - W: only what was surely there when the page
   was rendered (dispatches during the scrape may not have arrived).
@@ -33,19 +34,24 @@ Per endpoint (`ServerLoad`; the endpoint picker keeps one per endpoint too)
 
 Guarantees (one endpoint, requests only through this service, exact counts)
 - Bounded queue: while S <= the true slot count, the server's queue
-  max(0, I + F - S_true) <= I + F - S <= threshold at every dispatch. S
-  exceeds the truth only by first bytes past a late completion, and by at
-  most the threshold above a scrape-proven R (<= S_true), so the queue is at
-  most twice the threshold in the worst case, until the next scrape shows it.
-  On the simulator (exact counts, up to 5 ms of transit each way, with and
-  without the running gauge) the queue never passed the threshold; with
-  20 ms it reached threshold + 2 (4 slots, 50 ms requests).
+  max(0, I + F - S_true) <= I + F - S <= threshold at every dispatch. Late
+  completions can lift S above the truth only through first bytes, by at
+  most the threshold above a scrape-proven R (<= S_true), and not at all
+  once a scrape with the running gauge has seen the server queue: the queue
+  may reach twice the threshold during the cold start, or without the
+  gauge, until the next scrape shows it; in steady state with the gauge it
+  stays at most the threshold, whatever the transit (as long as the server
+  does not lose capacity, below). On the simulator (up to 5 ms of transit
+  each way, with and without the gauge) the queue never passed the
+  threshold; completions delayed by up to 200 ms kept it within it too.
 - Work-conserving: while requests wait here the server holds S + threshold
   of them, so every slot is busy once S >= S_true - threshold. Below that
   the threshold's extra requests start and their first bytes raise S by up
   to the threshold per round trip, capped at P + threshold; each scrape
   lifts P to what runs, so from a cold start S reaches the truth in about
-  S_true / (2 x threshold) intervals (the grid's warm-up spans 8).
+  S_true / (2 x threshold) intervals (the grid's warm-up spans 8). A server
+  that gains capacity after it was caught full is followed by scrapes alone,
+  by up to the threshold per interval.
 
 Failure modes
 - Transit: I counts a request from dispatch until its last byte is back, so
