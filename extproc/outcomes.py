@@ -70,6 +70,17 @@ def registry_full(retry_after: int = 1) -> Rejection:
     )
 
 
+def workload_not_allowed(workload_id: str) -> Rejection:
+    """403 for a workload the operator's table does not serve (`allow: false`)."""
+    body = {"error": "workload_not_allowed", "workload_id": workload_id}
+    return Rejection(
+        status=403,
+        reason="not-allowed",
+        body=json.dumps(body).encode() + b"\n",
+        content_type="application/json",
+    )
+
+
 def invalid_request(header: str, detail: str) -> Rejection:
     """400 for unusable workload headers; the JSON body names the header and the problem."""
     body = {"error": "invalid_workload_context", "header": header, "detail": detail}

@@ -42,8 +42,8 @@ from dataclasses import dataclass
 class WorkloadLimits:
     """What the operator allows one workload (--workloads); the defaults limit nothing."""
 
-    weight: float = 1.0
-    """Fair-share weight, and the workload's weight in the queue's shares."""
+    weight: float | None = None
+    """Fair-share weight, and the workload's weight in the queue's shares (None: 1)."""
     max_in_flight: int | None = None
     """Its requests dispatched and not completed, at most; the rest wait."""
     max_queued: int | None = None
