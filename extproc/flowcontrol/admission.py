@@ -5,8 +5,9 @@ Algorithm
   in --workloads; 1 otherwise: criticality is the client's claim, so it buys
   order in the queue, never space in it). Its load is q_w / g_w.
 - A request of workload a arrives and the queue holds M = max_queue:
-  - if (q_a + 1) / g_a > max over w != a of q_w / g_w (in particular when a
-    itself holds the most), a is refused at the door (queue-full);
+  - if (q_a + 1) / g_a >= max over w != a of q_w / g_w (in particular when a
+    itself holds the most), a is refused at the door (queue-full): a swap
+    between equals would only churn;
   - otherwise the heaviest other workload h gives way: its newest queued
     request is pushed out (queue-full) and a's request takes its place.
   Loads sit in a max-heap with lazy deletion (as the queue's own heap):
@@ -17,13 +18,13 @@ Guarantee (proved by property tests on virtual time)
   share_a = M * g_a / sum of g_w over S. A workload that, counting the arriving
   request, holds no more than its share is never refused queue-full: its
   request is admitted, and no request of it is pushed out.
-  Proof: the queue is full, so the weighted mean of the loads over S is M /
-  sum g = share_a / g_a. Admission: if (q_a + 1) / g_a <= share_a / g_a, then
-  q_a / g_a is below the mean, so some other workload's load is at least the
-  mean, hence at least (q_a + 1) / g_a: a is admitted. Push-out: h gives way
-  to b only when q_h / g_h >= (q_b + 1) / g_b > q_b / g_b and h is the
-  heaviest; a maximum strictly above one member of S is above the mean, so
-  q_h > share_h.
+  Proof: the queue is full, so the weighted mean m of the loads over S is
+  M / sum g = share_a / g_a. Admission: if q_a + 1 <= share_a = m g_a, the
+  others hold M - q_a >= m (G - g_a) + 1 requests, G = sum g: their weighted
+  mean load, hence their maximum, is above m >= (q_a + 1) / g_a, so a is
+  admitted. Push-out: h gives way to b only when q_h / g_h > (q_b + 1) / g_b
+  > q_b / g_b and h is the heaviest; a maximum above one member of S is above
+  the mean, so q_h > share_h.
 - The queue never holds more than M, and every push-out is one outcome of one
   ticket (the queue's exactly-once rule), so it is counted out once.
 
@@ -98,7 +99,7 @@ class QueueShares:
             return None
         if heaviest == arriving:
             return None
-        if (self.count(arriving) + 1) / self._weight(arriving) > -negative_load:
+        if (self.count(arriving) + 1) / self._weight(arriving) >= -negative_load:
             return None
         return heaviest
 

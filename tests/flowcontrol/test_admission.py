@@ -69,17 +69,18 @@ def test_weight_buys_queue_space() -> None:
     assert all(t.outcome is None for t in a)
 
 
-def test_shares_refuse_when_nothing_is_queued() -> None:
+def test_shares_refuse_when_nothing_is_queued_or_the_swap_gains_nothing() -> None:
     shares = QueueShares(lambda _w: 1.0)
     assert shares.give_way("a") is None
     shares.add("a")
     shares.add("a")
+    assert shares.give_way("a") is None  # the heaviest itself
+    assert shares.give_way("b") == "a"  # (0 + 1) / 1 < 2
     shares.add("b")
-    assert shares.give_way("a") is None
-    assert shares.give_way("b") == "a"  # (1 + 1) / 1 <= 2
+    assert shares.give_way("b") is None  # (1 + 1) / 1 = 2: equals do not swap
     assert shares.give_way("c") == "a"
     shares.remove("a")
-    assert shares.give_way("b") is None  # a and b level: b's arrival would top a
+    assert shares.give_way("c") is None  # a and b at 1: a newcomer would only tie
 
 
 def test_without_fair_admission_the_light_tenant_is_refused() -> None:
