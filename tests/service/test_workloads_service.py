@@ -220,3 +220,33 @@ def _text(group: Any) -> str:
     console = Console(width=240, record=True)
     console.print(group)
     return console.export_text()
+
+
+async def test_a_pushed_out_request_is_answered_429_and_counted_out_once(
+    start_service: StartService, channel_to: Any
+) -> None:
+    service = await start_service(max_concurrency=1, max_queue=2, policy="fair-share")
+    stub = pb_grpc.ExternalProcessorStub(channel_to(service))
+    running = stub.Process()
+    await running.write(workload_headers("flood"))
+    await running.read()
+    older, newest = stub.Process(), stub.Process()
+    for stream in (older, newest):
+        await stream.write(workload_headers("flood"))
+        await stream.read()  # hold
+    light = stub.Process()
+    await light.write(workload_headers("light"))
+    await light.read()  # hold: it took the newest flood request's place
+    pushed = await newest.read()
+    assert pushed.immediate_response.status.code == 429
+    assert immediate_headers(pushed)["x-workload-dropped-reason"] == "queue-full"
+    assert (service.flow.queued_for("flood"), service.flow.queued_for("light")) == (1, 1)
+    await running.write(response_trailers())
+    await running.read()
+    assert (await light.read()).WhichOneof("response") == "request_headers"  # fair-share
+    for stream in (light, older):
+        stream.cancel()
+    await eventually(lambda: active(service, "flood") == active(service, "light") == 0)
+    samples = await scrape(service)
+    assert samples["extproc_rejections_total", (("reason", "queue-full"),)] == 1
+    assert samples["extproc_requests_total", (("outcome", "queue-full"),)] == 1
