@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import socket
 from collections.abc import Coroutine
@@ -51,6 +52,7 @@ from extproc.service.auth import BearerToken
 from extproc.service.extproc import ExternalProcessorService
 from extproc.service.metrics import Metrics
 from extproc.service.readapi import WorkloadReader, WorkloadRegistryService
+from extproc.workloads import Workloads
 
 # Envoy's message timeout is extended by this much beyond the queue timeout, so
 # that the queue, not Envoy, decides when a held request has waited too long.
@@ -87,7 +89,11 @@ class Service:
             else local
         )
         self.datastore = RegistryDatastore(self.registry)
-        policy = make_policy(settings.policy, self.datastore, clock, settings.policy_options())
+        self.workloads = Workloads(settings.workloads)
+        options = dataclasses.replace(
+            settings.policy_options(), workload_weight=self.workloads.weight
+        )
+        policy = make_policy(settings.policy, self.datastore, clock, options)
         self.capacity = make_capacity(settings, clock)
         self._scraper = (
             Scraper(self.capacity, settings.backend_metrics_interval)
@@ -100,7 +106,10 @@ class Service:
             capacity=self.capacity,
             max_queue=settings.max_queue,
             queue_timeout=settings.queue_timeout,
+            limits=self.workloads.limits,
+            shed_below=settings.shed_below,
         )
+        self.workloads.on_change(self.flow.reconfigure)
         self.fleet = (
             FleetSync(
                 self.registry,
@@ -112,11 +121,14 @@ class Service:
             else None
         )
         fleet_status = self.fleet.status if self.fleet is not None else None
-        self.reader = WorkloadReader(self.datastore, self.flow, fleet_status)
-        self.metrics = Metrics(self.reader, settings.metrics_top_workloads, fleet_status)
+        self.reader = WorkloadReader(self.datastore, self.flow, fleet_status, self.workloads)
+        self.metrics = Metrics(
+            self.reader, settings.metrics_top_workloads, fleet_status, self.workloads
+        )
         self.flow.on_pick = self.metrics.decision.observe
         parser = ContextParser(
-            settings.default_workload if settings.on_missing_context == "default" else None
+            settings.default_workload if settings.on_missing_context == "default" else None,
+            settings.workload_header,
         )
         self.ext_proc = ExternalProcessorService(
             self.datastore,
@@ -126,6 +138,7 @@ class Service:
             self.metrics,
             hold_timeout=settings.queue_timeout + HOLD_MARGIN,
             overflow_when_full=settings.on_registry_full == "overflow",
+            workloads=self.workloads,
         )
         self.health = HealthServicer()
         self.token = BearerToken(settings.admin_token)
@@ -135,6 +148,7 @@ class Service:
         self._server: grpc.aio.Server | None = None
         self._admin: web.AppRunner | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._reloader: asyncio.Task[None] | None = None
         self._log = structlog.get_logger("extproc")
 
     async def start(self) -> None:
@@ -160,6 +174,8 @@ class Service:
         self._server = server
         self._admin = await self._start_admin()
         self._sweeper = asyncio.create_task(self._sweep_forever())
+        if self.settings.workloads is not None:
+            self._reloader = asyncio.create_task(self._reload_forever())
         if self._scraper is not None:
             await self._scraper.start()
         if self.fleet is not None:
@@ -176,6 +192,9 @@ class Service:
             max_concurrency=self.settings.max_concurrency,
             max_queue=self.settings.max_queue,
             queue_timeout=self.settings.queue_timeout,
+            workloads=str(self.settings.workloads) if self.settings.workloads else None,
+            workload_header=self.settings.workload_header,
+            shed_below=self.settings.shed_below,
         )
 
     async def stop(self, drain_timeout: float | None = None, grace: float | None = None) -> None:
@@ -188,9 +207,10 @@ class Service:
         await _within(drain, self.flow.wait_for(lambda: self.flow.queued == 0))
         self.flow.close()
         await _within(grace, self.flow.wait_for(lambda: self.flow.in_flight == 0))
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        for task in (self._sweeper, self._reloader):
+            if task is not None:
+                task.cancel()
+        self._sweeper = self._reloader = None
         if self._scraper is not None:
             await self._scraper.stop()
         if self.fleet is not None:
@@ -226,6 +246,11 @@ class Service:
         while True:
             await asyncio.sleep(interval)
             self.sweep()
+
+    async def _reload_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.workloads_reload_interval)
+            self.workloads.reload_if_changed()
 
     async def _start_admin(self) -> web.AppRunner:
         app = make_admin_app(self.reader, lambda: self.ready, self.token, self.metrics.registry)

@@ -6,8 +6,10 @@ by not answering its `request_headers` yet.
 
 Per stream, in order:
 1. `request_headers`: read the workload context (a bad one is answered 400 at
-   once and never tracked), then *new* (`workload_handle_new_request`) and
-   enqueue. A new workload the full registry cannot take is answered 429
+   once and never tracked) and apply the operator's workloads table (an id it
+   does not allow: 403, never tracked; a criticality above the workload's
+   bound: clamped), then *new* (`workload_handle_new_request`) and enqueue.
+   A new workload the full registry cannot take is answered 429
    `registry-full`, or tracked as the shared `overflow` workload. When the
    queue cannot decide at once, first send a lone `override_message_timeout`
    so Envoy's short message timeout (meant to catch a hung processor) does
@@ -15,7 +17,8 @@ Per stream, in order:
 2. The queue decides. DISPATCHED -> *dispatched*
    (`workload_handle_dispatched_request` with the queue wait) and CONTINUE with
    `x-workload-id` and `x-workload-queue-wait-ms` added upstream. Anything else
-   -> an ImmediateResponse from `outcomes` (429/503 with a dropped-reason header).
+   -> an ImmediateResponse from `outcomes` (429/503 with a dropped-reason
+   header: queue-full, workload-limit, shed, queue-timeout, shutdown).
    When the capacity gate learns from latency (`adaptive`), the answer also
    asks Envoy (`mode_override`) for this response's headers, whose arrival
    is the dispatch-to-first-byte sample.
@@ -46,22 +49,22 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import duration_pb2
 
-from extproc.context import (
-    FAIRNESS_ID_HEADER,
-    WORKLOAD_CONTEXT_HEADER,
-    ContextError,
-    ContextParser,
-    WorkloadContext,
-)
+from extproc.context import OVERFLOW_WORKLOAD, ContextError, ContextParser, WorkloadContext
 from extproc.contracts import Clock, Datastore, RegistryFull
 from extproc.flowcontrol.queue import FlowController, FlowRequest, Ticket
-from extproc.outcomes import Outcome, Rejection, invalid_request, registry_full, rejection_for
-from extproc.registry.memory import OVERFLOW_WORKLOAD
+from extproc.outcomes import (
+    Outcome,
+    Rejection,
+    invalid_request,
+    registry_full,
+    rejection_for,
+    workload_not_allowed,
+)
 from extproc.service.metrics import Metrics
+from extproc.workloads import Workloads
 
 WORKLOAD_ID_HEADER = "x-workload-id"
 QUEUE_WAIT_HEADER = "x-workload-queue-wait-ms"
-_CONTEXT_HEADERS = frozenset({WORKLOAD_CONTEXT_HEADER, FAIRNESS_ID_HEADER})
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _SEND = processing_mode_pb2.ProcessingMode.SEND
 
@@ -99,8 +102,11 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         *,
         hold_timeout: float,
         overflow_when_full: bool = True,
+        workloads: Workloads | None = None,
     ) -> None:
         self._datastore = datastore
+        self._workloads = workloads or Workloads(None)
+        self._context_headers = parser.headers
         self._overflow_when_full = overflow_when_full
         self._flow = flow
         self._parser = parser
@@ -149,11 +155,19 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
             # rather than count one HTTP request twice.
             return _REQUEST_HEADERS_CONTINUE
         try:
-            workload = self._parser.parse(_context_headers(headers.headers))
+            workload = self._parser.parse(_context_headers(headers.headers, self._context_headers))
         except ContextError as error:
             self._log.info("request", outcome="invalid-workload-context", error=str(error))
             self._metrics.record("invalid-workload-context", None, rejected=True)
             return _immediate(invalid_request(error.header, error.detail))
+        admission = self._workloads.admit(workload)
+        if not admission.allowed:
+            self._log.info("request", workload=workload.workload_id, outcome="not-allowed")
+            self._metrics.record("not-allowed", None, rejected=True)
+            return _immediate(workload_not_allowed(workload.workload_id))
+        if admission.clamped:
+            self._metrics.clamped.inc()
+        workload = admission.context
         exchange.started = self._clock.now()
         try:
             self._datastore.workload_handle_new_request(workload.workload_id)
@@ -205,10 +219,10 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         )
 
 
-def _context_headers(header_map: Any) -> dict[str, list[bytes]]:
+def _context_headers(header_map: Any, wanted: frozenset[str]) -> dict[str, list[bytes]]:
     found: dict[str, list[bytes]] = {}
     for header in header_map.headers:
-        if header.key in _CONTEXT_HEADERS:
+        if header.key in wanted:
             found.setdefault(header.key, []).append(header.raw_value or header.value.encode())
     return found
 
