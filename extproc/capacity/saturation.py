@@ -42,6 +42,7 @@ from extproc.contracts import CapacityStatus, Clock, EndpointStatus
 
 WAITING_METRICS = ("vllm:num_requests_waiting",)
 KV_CACHE_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+RUNNING_METRICS = ("vllm:num_requests_running",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,8 @@ class SaturationOptions:
     waiting_metrics: tuple[str, ...] = WAITING_METRICS
     """Accepted names of the waiting-requests gauge, first found wins (old and new vLLM)."""
     kv_cache_metrics: tuple[str, ...] = KV_CACHE_METRICS
+    running_metrics: tuple[str, ...] = RUNNING_METRICS
+    """Requests running in the server: shown per endpoint, not part of saturation."""
     credit: bool = True
     """Count dispatches since the last scrape. Off only to show what it prevents."""
     transit: float = 0.1
@@ -63,6 +66,7 @@ class SaturationOptions:
 class Reading:
     waiting: float
     kv_cache_usage: float | None
+    running: float | None = None
 
 
 class MetricsError(ValueError):
@@ -71,7 +75,7 @@ class MetricsError(ValueError):
 
 def parse_reading(text: str, options: SaturationOptions) -> Reading:
     """The waiting count and KV-cache use in a Prometheus text page, summed over series."""
-    wanted = (*options.waiting_metrics, *options.kv_cache_metrics)
+    wanted = (*options.waiting_metrics, *options.kv_cache_metrics, *options.running_metrics)
     # A model server's page is mostly histograms; parse only the lines we read.
     lines = [line for line in text.splitlines() if line.startswith(wanted)]
     values: dict[str, list[float]] = {}
@@ -84,7 +88,11 @@ def parse_reading(text: str, options: SaturationOptions) -> Reading:
     waiting = _first(values, options.waiting_metrics, sum)
     if waiting is None:
         raise MetricsError(f"no {' or '.join(options.waiting_metrics)} in the metrics")
-    return Reading(waiting, _first(values, options.kv_cache_metrics, max))
+    return Reading(
+        waiting,
+        _first(values, options.kv_cache_metrics, max),
+        _first(values, options.running_metrics, sum),
+    )
 
 
 def _first(
@@ -252,7 +260,14 @@ class MetricsCapacity(Gate):
                 self._completed - endpoint.completed_mark
             )
             waiting = max(0.0, waiting + credit / sharing)
-        saturation = waiting / self.options.waiting_threshold
-        if reading.kv_cache_usage is not None:
-            saturation = max(saturation, reading.kv_cache_usage / self.options.kv_cache_threshold)
-        return saturation
+        return saturation_of(waiting, reading.kv_cache_usage, self.options)
+
+
+def saturation_of(
+    waiting: float, kv_cache_usage: float | None, options: SaturationOptions
+) -> float:
+    """One endpoint's saturation: max(waiting / threshold, KV-cache use / threshold)."""
+    saturation = waiting / options.waiting_threshold
+    if kv_cache_usage is not None:
+        saturation = max(saturation, kv_cache_usage / options.kv_cache_threshold)
+    return saturation

@@ -20,6 +20,7 @@ import contextlib
 import signal
 import socket
 from collections.abc import Coroutine
+from typing import Protocol
 
 import grpc
 import structlog
@@ -44,6 +45,11 @@ from extproc.fleet.registry import SharedWorkloadRegistry
 from extproc.fleet.sync import FleetOptions, FleetSync, LeasedCapacity
 from extproc.flowcontrol.policies import make_policy
 from extproc.flowcontrol.queue import FlowController
+from extproc.pool.discovery import DnsDiscovery, add_static
+from extproc.pool.picker import make_picker
+from extproc.pool.pool import EndpointPool
+from extproc.pool.scorers import ScorerWeights
+from extproc.pool.scraper import EndpointScraper
 from extproc.registry.datastore import RegistryDatastore
 from extproc.registry.memory import InMemoryWorkloadRegistry
 from extproc.service.admin import make_admin_app
@@ -94,12 +100,15 @@ class Service:
             if isinstance(self.capacity, MetricsCapacity)
             else None
         )
+        self.pool = make_pool(settings, clock)
+        self._pool_tasks = _pool_tasks(settings, self.pool, clock) if self.pool else []
         self.flow = FlowController(
             policy,
             clock,
             capacity=self.capacity,
             max_queue=settings.max_queue,
             queue_timeout=settings.queue_timeout,
+            pool=self.pool,
         )
         self.fleet = (
             FleetSync(
@@ -162,6 +171,8 @@ class Service:
         self._sweeper = asyncio.create_task(self._sweep_forever())
         if self._scraper is not None:
             await self._scraper.start()
+        for task in self._pool_tasks:
+            await task.start()
         if self.fleet is not None:
             await self.fleet.start()
         await self._set_ready(True)
@@ -193,6 +204,8 @@ class Service:
             self._sweeper = None
         if self._scraper is not None:
             await self._scraper.stop()
+        for task in reversed(self._pool_tasks):
+            await task.stop()
         if self.fleet is not None:
             await self.fleet.stop()
         if self._server is not None:
@@ -260,6 +273,36 @@ def make_capacity(settings: Settings, clock: Clock) -> Capacity:
     if settings.capacity == "adaptive":
         return AdaptiveCapacity(clock, settings.adaptive_options())
     return static
+
+
+def make_pool(settings: Settings, clock: Clock) -> EndpointPool | None:
+    """The endpoint pool, when endpoints are configured; None leaves routing to Envoy."""
+    if not settings.endpoints_configured:
+        return None
+    picker = make_picker(settings.picker, ScorerWeights.parse(settings.scorers))
+    pool = EndpointPool(clock, picker, settings.endpoint_options())
+    if settings.endpoints:
+        add_static(pool, settings.endpoints)
+    return pool
+
+
+class _Lifecycle(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def _pool_tasks(settings: Settings, pool: EndpointPool, clock: Clock) -> list[_Lifecycle]:
+    """Discovery first, so the scraper's first round meets the endpoints found."""
+    tasks: list[_Lifecycle] = [
+        DnsDiscovery(pool, name, settings.endpoints_dns_interval) for name in settings.endpoints_dns
+    ]
+    tasks.append(
+        EndpointScraper(
+            pool, clock, settings.endpoint_scrape_interval, settings.endpoint_metrics_path
+        )
+    )
+    return tasks
 
 
 def _fleet_options(settings: Settings) -> FleetOptions:

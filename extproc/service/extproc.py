@@ -181,7 +181,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
             return _dispatched(workload.workload_id, ticket.wait_time, self._first_byte)
         assert ticket.outcome is not None
         self._complete(exchange)
-        return _immediate(rejection_for(ticket.outcome))
+        return _immediate(rejection_for(ticket.outcome, detail=ticket.detail))
 
     def _complete(self, exchange: _Exchange) -> None:
         workload, ticket = exchange.workload, exchange.ticket

@@ -1,0 +1,77 @@
+"""Prefix affinity: which endpoint has most likely cached the start of this prompt.
+
+Algorithm (GIE's approximate prefix scorer)
+- The prompt is cut into fixed-size blocks of characters (64), at most 256 of
+  them; block i's hash chains block i's text with hash i-1, so equal hashes
+  mean (barring collisions) equal prefixes, not merely equal blocks.
+- Each endpoint remembers, in a bounded LRU, the block hashes of prompts
+  recently routed to it. A prompt's match on an endpoint is its longest
+  prefix of blocks all remembered there.
+- Recording touches a prompt's blocks last-to-first, so a prefix's first
+  blocks are always the most recent and eviction trims chains from their
+  tail: the remembered blocks of a chain stay a prefix of it. That makes
+  "block k remembered" monotone in k, and the match a binary search:
+  O(log B) lookups per endpoint, B <= 256.
+
+Guarantees: bounded memory (`capacity` hashes per endpoint); a match never
+exceeds what was routed there (an LRU may only forget). Hashes are Python's
+salted `hash`, so they are private to this process -- as the LRUs are.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+BLOCK_CHARS = 64
+MAX_BLOCKS = 256
+
+
+def block_hashes(
+    prompt: str, block_chars: int = BLOCK_CHARS, max_blocks: int = MAX_BLOCKS
+) -> tuple[int, ...]:
+    """Chained hashes of the prompt's whole blocks, first block first."""
+    count = min(len(prompt) // block_chars, max_blocks)
+    hashes: list[int] = []
+    previous = 0
+    for start in range(0, count * block_chars, block_chars):
+        previous = hash((previous, prompt[start : start + block_chars]))
+        hashes.append(previous)
+    return tuple(hashes)
+
+
+class PrefixCache:
+    """One endpoint's recently routed block hashes, least recent first."""
+
+    __slots__ = ("_blocks", "capacity")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("a prefix cache holds at least one block")
+        self.capacity = capacity
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def matched(self, hashes: tuple[int, ...]) -> int:
+        """How many leading blocks of `hashes` are remembered here."""
+        blocks = self._blocks
+        low, high = 0, len(hashes)
+        while low < high:  # invariant: hashes[:low] remembered, hashes[high:] not
+            middle = (low + high + 1) // 2
+            if hashes[middle - 1] in blocks:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    def record(self, hashes: tuple[int, ...]) -> None:
+        """Remember a prompt routed here; its first blocks become the most recent."""
+        blocks = self._blocks
+        for block in reversed(hashes):
+            if block in blocks:
+                blocks.move_to_end(block)
+            else:
+                blocks[block] = None
+        while len(blocks) > self.capacity:
+            blocks.popitem(last=False)
