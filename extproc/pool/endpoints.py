@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from extproc.capacity.saturation import Reading, SaturationOptions, saturation_of
 from extproc.pool.prefix import PrefixCache
@@ -33,6 +34,14 @@ class EndpointOptions:
     """Per-endpoint ceiling on requests in flight; 0 = none."""
     prefix_capacity: int = 31_250
     """Prefix blocks remembered per endpoint (GIE's per-pod LRU is ~31k entries)."""
+
+
+class Load(NamedTuple):
+    """One endpoint's state at one instant, as the pickers read it."""
+
+    queue_depth: float
+    kv_cache_usage: float | None
+    room: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +72,8 @@ class Endpoint:
         "_completed_mark",
         "_dispatched",
         "_dispatched_mark",
+        "_load",
+        "_load_until",
         "_pending_mark",
         "_recent",
         "address",
@@ -103,6 +114,9 @@ class Endpoint:
         self._completed_mark = 0
         self._recent: deque[float] = deque()
         """Times of this endpoint's dispatches of the last `transit` seconds."""
+        self._load: Load | None = None
+        """`load` as last computed; valid until `_load_until` or the next change of state."""
+        self._load_until = 0.0
 
     def ready(self, now: float) -> bool:
         since = self.unreachable_since
@@ -112,6 +126,33 @@ class Endpoint:
     def fresh(self, now: float) -> bool:
         read_at = self.read_at
         return read_at is not None and now - read_at <= self.options.saturation.stale_after
+
+    def load(self, now: float) -> Load:
+        """Queue depth, KV-cache use and room in one pass (the pick's hot path)."""
+        if self._load is not None and now <= self._load_until:
+            return self._load
+        load = self._load = self._compute_load(now)
+        read_at = self.read_at
+        stale_after = self.options.saturation.stale_after
+        fresh_until = read_at + stale_after if read_at is not None else 0.0
+        # Readings go stale at one instant; until then only a change of state moves the load.
+        self._load_until = fresh_until if now <= fresh_until else float("inf")
+        return load
+
+    def _compute_load(self, now: float) -> Load:
+        reading, read_at = self.reading, self.read_at
+        ceiling = self.options.max_in_flight
+        full = bool(ceiling) and self.in_flight >= ceiling
+        saturation = self.options.saturation
+        if reading is None or read_at is None or now - read_at > saturation.stale_after:
+            return Load(float(self.in_flight), None, not full)
+        credit = (self._dispatched - self._dispatched_mark) - (
+            self._completed - self._completed_mark
+        )
+        depth = max(0.0, reading.waiting + credit)
+        kv = reading.kv_cache_usage
+        room = not full and saturation_of(depth, kv, saturation) < 1.0
+        return Load(depth, kv, room)
 
     def queue_depth(self, now: float) -> float:
         """The requests waiting inside the server, as best known now."""
@@ -130,23 +171,17 @@ class Endpoint:
         return saturation_of(self.queue_depth(now), reading.kv_cache_usage, self.options.saturation)
 
     def has_room(self, now: float) -> bool:
-        ceiling = self.options.max_in_flight
-        if ceiling and self.in_flight >= ceiling:
-            return False
-        saturation = self.saturation(now)
-        return saturation is None or saturation < 1.0
-
-    def kv_cache_usage(self, now: float) -> float | None:
-        reading = self.reading
-        return reading.kv_cache_usage if reading is not None and self.fresh(now) else None
+        return self.load(now).room
 
     def on_dispatch(self, now: float) -> None:
+        self._load = None
         self.in_flight += 1
         self._dispatched += 1
         self._recent.append(now)
         self._forget_before(now - self.options.saturation.transit)
 
     def on_release(self, now: float) -> None:
+        self._load = None
         self.in_flight -= 1
         self._completed += 1
         read_at = self.read_at
@@ -160,6 +195,7 @@ class Endpoint:
     def end_scrape(self, now: float, reading: Reading) -> bool:
         """Record a good scrape; True when it ends a run of failures."""
         recovered, self.failing = self.failing, False
+        self._load = None
         self.reading = reading
         self.read_at = now
         self.unreachable_since = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from extproc.pool.endpoints import Endpoint
+from extproc.pool.endpoints import Endpoint, Load
 from extproc.pool.scorers import ScorerWeights, kv_cache_scores, prefix_scores, queue_scores
 
 PICKERS = ("round-robin", "least-loaded", "scored")
@@ -23,7 +23,7 @@ class Picker(Protocol):
     name: str
 
     def scores(
-        self, endpoints: Sequence[Endpoint], hashes: tuple[int, ...], now: float
+        self, endpoints: Sequence[Endpoint], loads: Sequence[Load], hashes: tuple[int, ...]
     ) -> list[float]: ...
 
     def picked(self, endpoint: Endpoint) -> None: ...
@@ -36,7 +36,7 @@ class RoundRobinPicker:
         self._last = ""
 
     def scores(
-        self, endpoints: Sequence[Endpoint], hashes: tuple[int, ...], now: float
+        self, endpoints: Sequence[Endpoint], loads: Sequence[Load], hashes: tuple[int, ...]
     ) -> list[float]:
         # Addresses after the last one picked come first, in order, then the wrap.
         last = self._last
@@ -53,9 +53,9 @@ class LeastLoadedPicker:
     name = "least-loaded"
 
     def scores(
-        self, endpoints: Sequence[Endpoint], hashes: tuple[int, ...], now: float
+        self, endpoints: Sequence[Endpoint], loads: Sequence[Load], hashes: tuple[int, ...]
     ) -> list[float]:
-        return [-e.queue_depth(now) for e in endpoints]
+        return [-load.queue_depth for load in loads]
 
     def picked(self, endpoint: Endpoint) -> None:
         pass
@@ -68,13 +68,13 @@ class ScoredPicker:
         self.weights = weights
 
     def scores(
-        self, endpoints: Sequence[Endpoint], hashes: tuple[int, ...], now: float
+        self, endpoints: Sequence[Endpoint], loads: Sequence[Load], hashes: tuple[int, ...]
     ) -> list[float]:
         w = self.weights
         total = [0.0] * len(endpoints)
         for weight, scores in (
-            (w.queue, queue_scores(endpoints, now) if w.queue else ()),
-            (w.kv_cache, kv_cache_scores(endpoints, now) if w.kv_cache else ()),
+            (w.queue, queue_scores(loads) if w.queue else ()),
+            (w.kv_cache, kv_cache_scores(loads) if w.kv_cache else ()),
             (w.prefix, prefix_scores(endpoints, hashes) if w.prefix else ()),
         ):
             for i, score in enumerate(scores):

@@ -15,6 +15,7 @@ primary, for the prefix scorer's next picks.
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -135,12 +136,18 @@ class EndpointPool:
         candidates = self._candidates(subset, now)
         prompt = pick.prompt if pick is not None else None
         hashes = block_hashes(prompt, self._block_chars, self._max_blocks) if prompt else ()
-        scores = self.picker.scores(candidates, hashes, now)
+        loads = [endpoint.load(now) for endpoint in candidates]
+        scores = self.picker.scores(candidates, loads, hashes)
+        best = max(score for score, load in zip(scores, loads, strict=True) if load.room)
+        tied = [i for i, score in enumerate(scores) if score == best and loads[i].room]
+        chosen = tied[0] if len(tied) == 1 else self._rng.choice(tied)
+        primary = candidates[chosen]
+        # Fallbacks: the next best, ties at random too, room or not (they are retries).
         rng = self._rng.random
-        keyed = sorted(((score, rng(), i) for i, score in enumerate(scores)), reverse=True)
-        ranked = [candidates[i] for _, _, i in keyed]
-        primary = next(e for e in ranked if e.has_room(now))
-        fallbacks = [e.address for e in ranked if e is not primary][:FALLBACKS]
+        others = heapq.nlargest(
+            FALLBACKS, ((s, rng(), i) for i, s in enumerate(scores) if i != chosen)
+        )
+        fallbacks = [candidates[i].address for _, _, i in others]
         self.picker.picked(primary)
         primary.picked += 1
         if hashes:

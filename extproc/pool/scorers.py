@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from extproc.pool.endpoints import Endpoint
+from extproc.pool.endpoints import Endpoint, Load
 
 UNKNOWN_KV_SCORE = 0.5
 
@@ -51,8 +51,8 @@ class ScorerWeights:
         return f"queue={self.queue:g},kv-cache={self.kv_cache:g},prefix={self.prefix:g}"
 
 
-def queue_scores(endpoints: Sequence[Endpoint], now: float) -> list[float]:
-    depths = [e.queue_depth(now) for e in endpoints]
+def queue_scores(loads: Sequence[Load]) -> list[float]:
+    depths = [load.queue_depth for load in loads]
     low, high = min(depths), max(depths)
     if high == low:
         return [1.0] * len(depths)
@@ -60,16 +60,14 @@ def queue_scores(endpoints: Sequence[Endpoint], now: float) -> list[float]:
     return [(high - depth) / span for depth in depths]
 
 
-def kv_cache_scores(endpoints: Sequence[Endpoint], now: float) -> list[float]:
-    scores = []
-    for endpoint in endpoints:
-        usage = endpoint.kv_cache_usage(now)
-        scores.append(UNKNOWN_KV_SCORE if usage is None else max(0.0, 1.0 - usage))
-    return scores
+def kv_cache_scores(loads: Sequence[Load]) -> list[float]:
+    return [UNKNOWN_KV_SCORE if kv is None else max(0.0, 1.0 - kv) for _, kv, _ in loads]
 
 
 def prefix_scores(endpoints: Sequence[Endpoint], hashes: tuple[int, ...]) -> list[float]:
     if not hashes:
         return [0.0] * len(endpoints)
     total = len(hashes)
-    return [e.prefix.matched(hashes) / total for e in endpoints]
+    first = hashes[0]
+    # Most endpoints hold not even the first block: one lookup settles them.
+    return [e.prefix.matched(hashes) / total if first in e.prefix else 0.0 for e in endpoints]
