@@ -9,7 +9,7 @@ CAPACITY ?= static
 REPLICAS ?= 1
 ARGS ?=
 
-.PHONY: all install protos run test lint format fairness-report bench clean
+.PHONY: all install protos run test lint format fairness-report pool-report bench clean
 
 all: install
 
@@ -46,6 +46,9 @@ bench: install
 
 fairness-report: install
 	$(BIN)/python docs/fairness_report.py
+
+pool-report:
+	$(BIN)/python docs/pool_report.py
 
 lint: install
 	$(BIN)/ruff check extproc tests protos docs

@@ -122,7 +122,7 @@ def test_a_blocked_head_does_not_block_requests_that_can_go_elsewhere() -> None:
 def test_stable_key_policy_skips_blocked_workloads_and_keeps_their_place() -> None:
     clock = VirtualClock()
     pool = make_pool(clock, [E1, E2], max_in_flight=1)
-    policy = FairSharePolicy(clock)
+    policy = FairSharePolicy()
     flow = FlowController(policy, clock, pool=pool)
     holders = [flow.enqueue(FlowRequest(w, 3, only(e))) for w, e in (("a", E1), ("b", E2))]
     assert all(t.outcome is Outcome.DISPATCHED for t in holders)
