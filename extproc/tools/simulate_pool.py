@@ -265,7 +265,7 @@ def _result(
         picker=picker,
         ttft_p50=percentile(ttfts, 50),
         ttft_p90=percentile(ttfts, 90),
-        throughput=sum(1 for j in done if j.done <= scenario.duration) / scenario.duration,
+        throughput=sum((j.done or 0.0) <= scenario.duration for j in done) / scenario.duration,
         prefix_hit_rate=sum(j.cached_blocks for j in done) / blocks if blocks else 0.0,
         jain=_jain(scenario, jobs, servers, tenants),
         completed=len(done),
