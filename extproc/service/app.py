@@ -121,8 +121,11 @@ class Service:
             else None
         )
         fleet_status = self.fleet.status if self.fleet is not None else None
-        self.reader = WorkloadReader(self.datastore, self.flow, fleet_status)
-        self.metrics = Metrics(self.reader, settings.metrics_top_workloads, fleet_status)
+        pool_status = self.pool.status if self.pool is not None else None
+        self.reader = WorkloadReader(self.datastore, self.flow, fleet_status, pool_status)
+        self.metrics = Metrics(
+            self.reader, settings.metrics_top_workloads, fleet_status, pool_status
+        )
         self.flow.on_pick = self.metrics.decision.observe
         parser = ContextParser(
             settings.default_workload if settings.on_missing_context == "default" else None
