@@ -9,7 +9,7 @@ CAPACITY ?= static
 REPLICAS ?= 1
 ARGS ?=
 
-.PHONY: all install protos run test lint format fairness-report pool-report bench clean
+.PHONY: all install protos run test lint format fairness-report pool-report bench bench-ablation clean
 
 all: install
 
@@ -44,10 +44,15 @@ bench: install
 	$(BIN)/python -m pytest bench/test_micro.py -p no:cacheprovider --benchmark-columns=median,mean,ops -s
 	$(BIN)/python bench/run.py
 
+# Where the processor's CPU per request goes: each per-request step switched off in turn.
+bench-ablation: install
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python bench/ablation.py
+
 fairness-report: install
 	$(BIN)/python docs/fairness_report.py
 
-pool-report:
+pool-report: install
 	$(BIN)/python docs/pool_report.py
 
 lint: install

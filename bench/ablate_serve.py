@@ -1,0 +1,113 @@
+"""`extproc serve` with chosen per-request steps switched off, for bench/ablation.py.
+
+Usage: ablate_serve.py STEPS -- serve arguments...   (STEPS: comma-separated, or "none")
+
+Each step is switched off by replacing the one function that does it, after
+import and before the server starts, so the shipped code carries no switches:
+  log       the per-request log line
+  metrics   Prometheus outcome counters and wait histogram
+  registry  the three tracking points in the Workload Registry
+  queue     the flow controller (enqueue -> decided at once, no heap, no policy)
+  mutation  the header mutation on the dispatched answer (a plain CONTINUE instead)
+  handler   the whole stream handler (the null processor's loop inside our server)
+  gc        Python's cyclic garbage collector (gc.freeze() after start-up, then off)
+Never used by the service itself; a measuring instrument only.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from null_processor import ANSWERS  # bench/ is this script's directory
+
+from extproc import cli
+from extproc.contracts import QueuedRequest
+from extproc.flowcontrol.queue import FlowController, FlowRequest, Ticket
+from extproc.outcomes import Outcome
+from extproc.registry.datastore import RegistryDatastore
+from extproc.service import extproc as handler_module
+from extproc.service.metrics import Metrics
+
+
+class _Silent:
+    def info(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def _no_log() -> None:
+    original = handler_module.ExternalProcessorService.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self._log = _Silent()
+
+    handler_module.ExternalProcessorService.__init__ = init  # type: ignore[method-assign]
+
+
+def _no_metrics() -> None:
+    Metrics.record = lambda self, outcome, queue_wait, rejected: None  # type: ignore[method-assign]
+
+
+def _no_registry() -> None:
+    for name in (
+        "workload_handle_new_request",
+        "workload_handle_dispatched_request",
+        "workload_handle_completed_request",
+    ):
+        setattr(RegistryDatastore, name, lambda self, *args: None)
+
+
+def _no_queue() -> None:
+    def enqueue(self: FlowController, request: FlowRequest) -> Ticket:
+        ticket = Ticket(self, QueuedRequest(request.workload_id, request.criticality, 0.0, 0))
+        ticket.outcome = Outcome.DISPATCHED
+        return ticket
+
+    FlowController.enqueue = enqueue  # type: ignore[method-assign]
+
+
+def _no_mutation() -> None:
+    plain = handler_module._REQUEST_HEADERS_CONTINUE
+    handler_module._dispatched = lambda *args: plain  # type: ignore[assignment]
+
+
+def _no_handler() -> None:
+    async def process(self: Any, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        async for message in requests:
+            answer = ANSWERS.get(message.WhichOneof("request") or "")
+            if answer is not None:
+                yield answer
+
+    handler_module.ExternalProcessorService.Process = process  # type: ignore[method-assign]
+
+
+def _no_gc() -> None:
+    gc.freeze()
+    gc.disable()
+
+
+STEPS: dict[str, Callable[[], None]] = {
+    "log": _no_log,
+    "metrics": _no_metrics,
+    "registry": _no_registry,
+    "queue": _no_queue,
+    "mutation": _no_mutation,
+    "handler": _no_handler,
+    "gc": _no_gc,
+}
+
+
+def main(argv: list[str]) -> int:
+    steps, separator, serve = argv[0], argv[1], argv[2:]
+    assert separator == "--", "usage: ablate_serve.py STEPS -- serve arguments"
+    for step in filter(None, steps.split(",")):
+        if step != "none":
+            STEPS[step]()
+    return cli.main(["serve", *serve])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
