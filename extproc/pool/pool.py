@@ -75,7 +75,7 @@ class EndpointPool:
         for address, ready in listed.items():
             endpoint = self._endpoints.get(address)
             if endpoint is None:
-                endpoint = self._endpoints[address] = Endpoint(address, self.options)
+                endpoint = self._endpoints[address] = Endpoint(address, self.options, self._clock)
             endpoint.discovered_ready = ready
         for address, endpoint in list(self._endpoints.items()):
             if address not in listed:
@@ -154,29 +154,30 @@ class EndpointPool:
             if primary.prefix.matched(hashes):
                 primary.prefix_hits += 1
             primary.prefix.record(hashes)
-        primary.on_dispatch(now)
+        primary.on_dispatch()
         return (primary.address, *fallbacks)
 
     def move(self, old: str, new: str) -> bool:
         target = self._endpoints.get(new)
         if target is None:
             return False
-        now = self._clock.now()
-        self._release(old, now)
-        target.on_dispatch(now)
+        self._release(old)
+        target.on_dispatch()
         return True
 
     def on_first_byte(self, address: str, seconds: float) -> None:
-        pass  # the per-endpoint gate learns from scrapes, not latency
+        endpoint = self._endpoints.get(address)
+        if endpoint is not None and endpoint.on_first_byte():
+            self._wake()  # more slots than it knew: room without a completion
 
     def on_release(self, address: str) -> None:
-        self._release(address, self._clock.now())
+        self._release(address)
 
-    def _release(self, address: str, now: float) -> None:
+    def _release(self, address: str) -> None:
         endpoint = self._endpoints.get(address)
         if endpoint is None:
             return
-        endpoint.on_release(now)
+        endpoint.on_release()
         if endpoint.in_flight == 0 and not any(address in s for s in self._sources.values()):
             del self._endpoints[address]
 
