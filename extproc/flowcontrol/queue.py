@@ -143,6 +143,7 @@ class Ticket:
             assert pool is not None
             if pool.move(current, address):
                 self._endpoint = address
+                self._controller.wake()  # the endpoint it left has room for another
 
     async def wait(self) -> Outcome:
         """The outcome, once decided. Cancelling the caller abandons the ticket."""

@@ -55,7 +55,7 @@ class EndpointSnapshot:
     running: float | None
     kv_cache_usage: float | None
     queue_depth: float
-    """waiting + credit when fresh, in flight when stale."""
+    """The estimated queue when fresh (in flight + foreign - slots), in flight when stale."""
     saturation: float | None
     """None when stale."""
     scrape_age: float | None

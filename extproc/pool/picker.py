@@ -1,7 +1,7 @@
 """Pickers: rank the ready endpoints a request may use; the pool takes the best with room.
 
 - `round-robin`: the endpoint after the last one picked, in address order;
-- `least-loaded`: the shortest estimated queue (waiting + credit, or in flight);
+- `least-loaded`: the shortest estimated queue (or in flight, when stale);
 - `scored`: the weighted sum of the scorers (`scorers`), GIE's default profile.
 Every picker returns one number per endpoint, higher better; the pool breaks
 ties at random (an injectable RNG), takes the best endpoint with room as the

@@ -20,12 +20,14 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from extproc.contracts import Clock, PickRequest
+from extproc.contracts import Clock, PickRequest, TimerHandle
 from extproc.pool.endpoints import Endpoint, EndpointOptions, EndpointSnapshot
 from extproc.pool.picker import Picker
 from extproc.pool.prefix import BLOCK_CHARS, MAX_BLOCKS, block_hashes
 
 FALLBACKS = 2
+STALE_MARGIN = 1e-6
+"""A reading is fresh up to and including `stale_after`; the wake comes just past it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,7 @@ class EndpointPool:
         self._wake: Callable[[], None] = _nothing
         self._changed: Callable[[], None] = _nothing
         self._listeners: list[Callable[[], None]] = []
+        self._stale_timers: dict[str, TimerHandle] = {}
 
     # -- membership -------------------------------------------------------
 
@@ -105,8 +108,18 @@ class EndpointPool:
         """An endpoint's readiness changed outside `update` (its scrapes stopped connecting)."""
         self._changed()
 
-    def room_changed(self) -> None:
-        """Some endpoint may have room it lacked (a new scrape)."""
+    def wake(self) -> None:
+        """Some endpoint may have room it lacked."""
+        self._wake()
+
+    def scraped(self, endpoint: Endpoint) -> None:
+        """A scrape of `endpoint` landed: it may have room now, and will when it goes stale."""
+        timer = self._stale_timers.pop(endpoint.address, None)
+        if timer is not None:
+            timer.cancel()
+        # Stale means "count in flight only", which may open room: wake at that instant.
+        after = self.options.saturation.stale_after + STALE_MARGIN
+        self._stale_timers[endpoint.address] = self._clock.call_later(after, self._wake)
         self._wake()
 
     # -- contracts.EndpointPool -------------------------------------------

@@ -1,7 +1,7 @@
 """The scored picker's scorers, each mapping the candidate endpoints to 0..1 (1 = best).
 
 As GIE's default scheduling profile, weighted queue 2, KV-cache 2, prefix 3:
-- queue: the estimated queue depth (waiting + credit since the scrape; in
+- queue: the estimated queue (`endpoints`: in flight + foreign - slots; in
   flight when stale), min-max normalised over the candidates -- the
   shortest queue scores 1, the longest 0, all equal all 1;
 - kv-cache: 1 - KV-cache use; unknown (stale, not exported) scores 0.5, so

@@ -90,5 +90,7 @@ class EndpointScraper:
         if endpoint.ready(self._clock.now()) != was_ready:
             self._log.info("endpoint readiness", endpoint=address, ready=not was_ready)
             self._pool.membership_changed()
+        if endpoint.failing:
+            self._pool.wake()  # going stale may open room (in flight counts alone)
         else:
-            self._pool.room_changed()
+            self._pool.scraped(endpoint)

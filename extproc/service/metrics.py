@@ -153,7 +153,7 @@ class _PoolCollector(Collector):
         ("in_flight_requests", "in_flight", "Requests picked for the endpoint, not completed."),
         ("waiting_requests", "waiting", "Requests waiting in the server at the last scrape."),
         ("running_requests", "running", "Requests running in the server at the last scrape."),
-        ("queue_depth", "queue_depth", "Waiting + sent since the scrape; in flight if stale."),
+        ("queue_depth", "queue_depth", "Estimated queue in the server; in flight if stale."),
         ("kv_cache_usage", "kv_cache_usage", "KV-cache use, 0..1, at the last scrape."),
         ("saturation", "saturation", "Saturation now, credit included; absent when stale."),
         ("scrape_age_seconds", "scrape_age", "Seconds since the last good scrape."),

@@ -237,7 +237,7 @@ def run(scenario: PoolScenario, picker: str, jobs: Sequence[_Job] | None = None)
             assert endpoint is not None
             endpoint.begin_scrape()
             endpoint.end_scrape(server.reading())
-        pool.room_changed()
+            pool.scraped(endpoint)
         if now < scenario.duration or flow.queued or flow.in_flight:
             clock.call_later(scenario.scrape_interval, scrape)
 

@@ -50,4 +50,4 @@ def feed(
     assert endpoint is not None
     endpoint.begin_scrape()
     endpoint.end_scrape(Reading(waiting, kv, running))
-    pool.room_changed()
+    pool.scraped(endpoint)
