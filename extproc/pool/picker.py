@@ -3,9 +3,9 @@
 - `round-robin`: the endpoint after the last one picked, in address order;
 - `least-loaded`: the shortest estimated queue (or in flight, when stale);
 - `scored`: the weighted sum of the scorers (`scorers`), GIE's default profile.
-Every picker returns one number per endpoint, higher better; the pool breaks
-ties at random (an injectable RNG), takes the best endpoint with room as the
-primary and the next two as fallbacks for the data plane's retries.
+Every picker returns one number per endpoint, higher better; the pool takes
+the best endpoint with room as the primary (ties broken at random, by an
+injectable RNG) and the next two as fallbacks for the data plane's retries.
 """
 
 from __future__ import annotations
@@ -72,13 +72,14 @@ class ScoredPicker:
     ) -> list[float]:
         w = self.weights
         total = [0.0] * len(endpoints)
-        for weight, scores in (
-            (w.queue, queue_scores(loads) if w.queue else ()),
-            (w.kv_cache, kv_cache_scores(loads) if w.kv_cache else ()),
-            (w.prefix, prefix_scores(endpoints, hashes) if w.prefix else ()),
-        ):
-            for i, score in enumerate(scores):
-                total[i] += weight * score
+        if w.queue:
+            total = [t + w.queue * s for t, s in zip(total, queue_scores(loads), strict=True)]
+        if w.kv_cache:
+            kv = kv_cache_scores(loads)
+            total = [t + w.kv_cache * s for t, s in zip(total, kv, strict=True)]
+        if w.prefix:
+            prefix = prefix_scores(endpoints, hashes)
+            total = [t + w.prefix * s for t, s in zip(total, prefix, strict=True)]
         return total
 
     def picked(self, endpoint: Endpoint) -> None:

@@ -151,16 +151,14 @@ class EndpointPool:
         hashes = block_hashes(prompt, self._block_chars, self._max_blocks) if prompt else ()
         loads = [endpoint.load(now) for endpoint in candidates]
         scores = self.picker.scores(candidates, loads, hashes)
-        best = max(score for score, load in zip(scores, loads, strict=True) if load.room)
-        tied = [i for i, score in enumerate(scores) if score == best and loads[i].room]
+        roomy = [i for i, load in enumerate(loads) if load.room]
+        best = max([scores[i] for i in roomy])
+        tied = [i for i in roomy if scores[i] == best]
         chosen = tied[0] if len(tied) == 1 else self._rng.choice(tied)
         primary = candidates[chosen]
-        # Fallbacks: the next best, ties at random too, room or not (they are retries).
-        rng = self._rng.random
-        others = heapq.nlargest(
-            FALLBACKS, ((s, rng(), i) for i, s in enumerate(scores) if i != chosen)
-        )
-        fallbacks = [candidates[i].address for _, _, i in others]
+        # Fallbacks: the next best, room or not (they are retries); ties in address order.
+        ranked = heapq.nlargest(FALLBACKS + 1, range(len(scores)), key=scores.__getitem__)
+        fallbacks = [candidates[i].address for i in ranked if i != chosen][:FALLBACKS]
         self.picker.picked(primary)
         primary.picked += 1
         if hashes:

@@ -61,7 +61,7 @@ def queue_scores(loads: Sequence[Load]) -> list[float]:
 
 
 def kv_cache_scores(loads: Sequence[Load]) -> list[float]:
-    return [UNKNOWN_KV_SCORE if kv is None else max(0.0, 1.0 - kv) for _, kv, _ in loads]
+    return [UNKNOWN_KV_SCORE if kv is None else 1.0 - kv if kv < 1.0 else 0.0 for _, kv, _ in loads]
 
 
 def prefix_scores(endpoints: Sequence[Endpoint], hashes: tuple[int, ...]) -> list[float]:
