@@ -71,16 +71,12 @@ class ScoredPicker:
         self, endpoints: Sequence[Endpoint], loads: Sequence[Load], hashes: tuple[int, ...]
     ) -> list[float]:
         w = self.weights
-        total = [0.0] * len(endpoints)
-        if w.queue:
-            total = [t + w.queue * s for t, s in zip(total, queue_scores(loads), strict=True)]
-        if w.kv_cache:
-            kv = kv_cache_scores(loads)
-            total = [t + w.kv_cache * s for t, s in zip(total, kv, strict=True)]
-        if w.prefix:
-            prefix = prefix_scores(endpoints, hashes)
-            total = [t + w.prefix * s for t, s in zip(total, prefix, strict=True)]
-        return total
+        zeros = [0.0] * len(endpoints)
+        queue = queue_scores(loads) if w.queue else zeros
+        kv = kv_cache_scores(loads) if w.kv_cache else zeros
+        prefix = prefix_scores(endpoints, hashes) if w.prefix else zeros
+        wq, wk, wp = w.queue, w.kv_cache, w.prefix
+        return [wq * q + wk * k + wp * p for q, k, p in zip(queue, kv, prefix, strict=True)]
 
     def picked(self, endpoint: Endpoint) -> None:
         pass

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from extproc.pool.endpoints import Endpoint, Load
+from extproc.pool.prefix import matched_each
 
 UNKNOWN_KV_SCORE = 0.5
 
@@ -68,6 +69,4 @@ def prefix_scores(endpoints: Sequence[Endpoint], hashes: tuple[int, ...]) -> lis
     if not hashes:
         return [0.0] * len(endpoints)
     total = len(hashes)
-    first = hashes[0]
-    # Most endpoints hold not even the first block: one lookup settles them.
-    return [e.prefix.matched(hashes) / total if first in e.prefix else 0.0 for e in endpoints]
+    return [m / total for m in matched_each((e.prefix for e in endpoints), hashes)]
