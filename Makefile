@@ -9,7 +9,7 @@ CAPACITY ?= static
 REPLICAS ?= 1
 ARGS ?=
 
-.PHONY: all install protos run test lint format fairness-report demo-fairness bench bench-ablation clean
+.PHONY: all install protos run test lint format fairness-report demo-fairness pool-report bench bench-ablation clean
 
 all: install
 
@@ -56,6 +56,9 @@ demo-fairness: install
 
 fairness-report: install
 	$(BIN)/python docs/fairness_report.py
+
+pool-report: install
+	$(BIN)/python docs/pool_report.py
 
 lint: install
 	$(BIN)/ruff check extproc tests protos docs

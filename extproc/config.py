@@ -10,7 +10,8 @@ from the file, its line).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ipaddress
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -35,6 +36,8 @@ from extproc.capacity.saturation import (
 from extproc.flowcontrol.fair_share import DEFAULT_WEIGHTS
 from extproc.flowcontrol.policies import POLICIES, PolicyOptions
 from extproc.flowcontrol.policy import ScoreWeights
+from extproc.pool.endpoints import EndpointOptions
+from extproc.pool.scorers import ScorerWeights
 from extproc.workloads import WorkloadsFileError, WorkloadTable
 
 ENV_PREFIX = "EXTPROC_"
@@ -147,6 +150,46 @@ class Settings(BaseSettings):
         pattern=r"[^,\s]",
         description="metrics: KV-cache gauge names, first found",
     )
+    endpoints: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="pool: model servers as IP:PORT, comma-separated or repeated; picking is "
+        "on whenever endpoints are configured",
+    )
+    endpoints_dns: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="pool: NAME:PORT whose every A/AAAA record is an endpoint (a headless "
+        "Service), re-resolved periodically; repeatable",
+    )
+    endpoints_dns_interval: float = Field(
+        5.0, gt=0, description="pool: seconds between DNS resolutions"
+    )
+    inference_pool: str | None = Field(
+        None,
+        pattern=r"^([a-z0-9-]+/)?[a-z0-9.-]+$",
+        description="pool: [NAMESPACE/]NAME of a Kubernetes InferencePool whose ready Pods "
+        "are the endpoints (in-cluster credentials or KUBECONFIG)",
+    )
+    picker: Literal["round-robin", "least-loaded", "scored"] = Field(
+        "scored", description="pool: how the endpoint is chosen"
+    )
+    scorers: str = Field(
+        "queue=2,kv-cache=2,prefix=3", description="pool: weights of the scored picker"
+    )
+    endpoint_max_in_flight: int = Field(
+        0, ge=0, description="pool: requests in flight per endpoint at most; 0 = no ceiling"
+    )
+    endpoint_metrics_path: str = Field(
+        "/metrics", pattern=r"^/", description="pool: each endpoint's Prometheus page"
+    )
+    endpoint_scrape_interval: float = Field(
+        0.1, gt=0, le=60, description="pool: seconds between scrapes of each endpoint"
+    )
+    endpoint_stale: float = Field(
+        1.0,
+        gt=0,
+        description="pool: readings older than this are unknown (in flight counts instead); "
+        "scrapes that cannot connect this long take the endpoint out, s",
+    )
     adaptive_min_limit: int = Field(3, ge=1, description="adaptive: floor, and the probe's limit")
     adaptive_window: float = Field(0.5, gt=0, description="adaptive: seconds per latency window")
     adaptive_probe_interval: float = Field(
@@ -244,6 +287,39 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("endpoints", "endpoints_dns", mode="before")
+    @classmethod
+    def _split_endpoints(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            return [p.strip() for item in value for p in str(item).split(",") if p.strip()]
+        return value
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoint_addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            host, _ = parse_address(address)
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"expected IP:PORT, got {address!r}") from None
+        return value
+
+    @field_validator("endpoints_dns")
+    @classmethod
+    def _dns_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            parse_address(name)
+        return value
+
+    @field_validator("scorers")
+    @classmethod
+    def _scorers(cls, value: str) -> str:
+        ScorerWeights.parse(value)
+        return value
+
     @field_validator("backend_metrics_url")
     @classmethod
     def _urls(cls, value: list[str]) -> list[str]:
@@ -332,6 +408,17 @@ class Settings(BaseSettings):
             ),
             cost=self.fair_share_cost,
             criticality_weights=tuple(float(w) for w in self.criticality_weights.split(",")),
+        )
+
+    @property
+    def endpoints_configured(self) -> bool:
+        """Endpoint picking is on: the service says where each request goes."""
+        return bool(self.endpoints or self.endpoints_dns or self.inference_pool)
+
+    def endpoint_options(self) -> EndpointOptions:
+        return EndpointOptions(
+            saturation=replace(self.saturation_options(), stale_after=self.endpoint_stale),
+            max_in_flight=self.endpoint_max_in_flight,
         )
 
     def saturation_options(self) -> SaturationOptions:

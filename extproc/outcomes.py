@@ -19,6 +19,8 @@ class Outcome(enum.Enum):
     EVICTED_QUEUE_TIMEOUT = "queue-timeout"
     EVICTED_CLIENT_GONE = "client-gone"
     REJECTED_SHUTDOWN = "shutdown"
+    REJECTED_NO_ENDPOINT = "no-endpoint"
+    """Endpoint picking is on and no ready endpoint is allowed for the request."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,14 +46,25 @@ _FLOW_REJECTIONS = {
     Outcome.REJECTED_SHED: (429, "the backend is saturated and this criticality is shed"),
     Outcome.EVICTED_QUEUE_TIMEOUT: (503, "waited too long in the queue for capacity"),
     Outcome.REJECTED_SHUTDOWN: (503, "the flow-control service is shutting down"),
+    Outcome.REJECTED_NO_ENDPOINT: (503, "no ready endpoint is eligible for this request"),
     # Nobody is left to read it; defined so every outcome has an answer.
     Outcome.EVICTED_CLIENT_GONE: (499, "the client went away while queued"),
 }
 
 
-def rejection_for(outcome: Outcome, retry_after: int = 1) -> Rejection:
+def rejection_for(outcome: Outcome, retry_after: int = 1, detail: str = "") -> Rejection:
     """The response for a request the queue did not dispatch."""
     status, text = _FLOW_REJECTIONS[outcome]
+    if outcome is Outcome.REJECTED_NO_ENDPOINT:
+        # The gateway's answer to a client: JSON, naming what was missing.
+        body = {"error": "no_eligible_endpoint", "detail": detail or text}
+        return Rejection(
+            status=status,
+            reason=outcome.value,
+            body=json.dumps(body).encode() + b"\n",
+            content_type="application/json",
+            retry_after=retry_after,
+        )
     return Rejection(
         status=status,
         reason=outcome.value,

@@ -39,6 +39,26 @@ Guarantees
   EVICTED_CLIENT_GONE and its slot handed to the next request, so the race
   loses no capacity and dispatches nothing to a dead stream.
 
+Endpoints (when the controller has a `contracts.EndpointPool`)
+- Release rule: a request is released when the gate has room AND some
+  endpoint it may use (its subset hint, else the whole pool) has room -- the
+  pool's per-endpoint saturation below 1 and in flight below the per-endpoint
+  ceiling. The policy decides WHICH request: among the flow heads that can be
+  placed now, the one it ranks first; then the pool decides WHERE (late
+  binding: the endpoint is chosen at release, from the state of that moment).
+- A head whose allowed endpoints are all full is skipped, keeping its key and
+  its place: it blocks only its own flow, never a request that could go
+  elsewhere. Invariant: the queue holds no head that could be placed now.
+- Fairness: without subset hints every head may use every endpoint, so the
+  order is exactly the policy's. With them, the policy's order holds among
+  the requests that can be placed at each instant; a skipped head goes first
+  the moment one of its endpoints has room, ahead of any request it ranks
+  before. Cost: O(log W) per decision plus O(log W) per skipped workload;
+  while no endpoint at all has room, one O(endpoints) check and no walk.
+- A request with no eligible endpoint (empty subset, none of its endpoints
+  ready, none ready at all) is answered REJECTED_NO_ENDPOINT at enqueue, and
+  queued ones when the pool's membership changes so that none is left.
+
 Concurrency: single-threaded, on the event loop that owns the controller;
 only the policy's metric reads reach across threads (through the registry).
 """
@@ -54,7 +74,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from extproc.capacity.static import StaticCapacity
-from extproc.contracts import Capacity, Clock, Policy, QueuedRequest, TimerHandle
+from extproc.contracts import (
+    Capacity,
+    Clock,
+    EndpointPool,
+    PickRequest,
+    Policy,
+    QueuedRequest,
+    TimerHandle,
+)
 from extproc.flowcontrol.admission import NO_LIMITS, QueueShares, WorkloadLimits
 from extproc.outcomes import Outcome
 
@@ -65,6 +93,8 @@ FlowKey = tuple[str, int]
 class FlowRequest:
     workload_id: str
     criticality: int
+    pick: PickRequest | None = None
+    """What the endpoint picker may use; ignored without an endpoint pool."""
 
 
 class Ticket:
@@ -72,21 +102,34 @@ class Ticket:
 
     __slots__ = (
         "_controller",
+        "_endpoint",
         "_future",
         "_holds_slot",
         "_sampled",
         "_timer",
+        "detail",
+        "endpoints",
         "outcome",
+        "pick",
         "request",
         "wait_time",
     )
 
-    def __init__(self, controller: FlowController, request: QueuedRequest) -> None:
+    def __init__(
+        self, controller: FlowController, request: QueuedRequest, pick: PickRequest | None = None
+    ) -> None:
         self._controller = controller
         self.request = request
+        self.pick = pick
         self.outcome: Outcome | None = None
         self.wait_time = 0.0
         """Seconds from enqueue until the outcome was decided."""
+        self.endpoints: tuple[str, ...] = ()
+        """With an endpoint pool, once dispatched: "ip:port", primary first, then fallbacks."""
+        self.detail = ""
+        """Why the outcome, when there is more to say (which endpoints were missing)."""
+        self._endpoint: str | None = None
+        """The endpoint this request's in-flight count is accounted to."""
         self._holds_slot = False
         self._sampled = False
         self._future: asyncio.Future[Outcome] | None = None
@@ -97,6 +140,18 @@ class Ticket:
         if self._holds_slot and not self._sampled:
             self._sampled = True
             self._controller._first_byte(self)
+
+    def served(self, address: str) -> None:
+        """The data plane says `address` served the request: account it there from now on.
+
+        Idempotent; an address the pool does not know is ignored."""
+        current = self._endpoint
+        if self._holds_slot and current is not None and address != current:
+            pool = self._controller.pool
+            assert pool is not None
+            if pool.move(current, address):
+                self._endpoint = address
+                self._controller.wake()  # the endpoint it left has room for another
 
     async def wait(self) -> Outcome:
         """The outcome, once decided. Cancelling the caller abandons the ticket."""
@@ -147,6 +202,7 @@ class FlowController:
         capacity: Capacity | None = None,
         max_queue: int = 10_000,
         queue_timeout: float | None = 30.0,
+        pool: EndpointPool | None = None,
         on_decided: Callable[[Ticket], None] | None = None,
         on_pick: Callable[[float], None] | None = None,
         limits: Callable[[str], WorkloadLimits] | None = None,
@@ -160,6 +216,10 @@ class FlowController:
         self._clock = clock
         self.capacity: Capacity = capacity or StaticCapacity(max_concurrency)
         self.capacity.bind(self.wake)
+        self.pool = pool
+        """Where released requests go; None: Envoy's own load balancing decides."""
+        if pool is not None:
+            pool.bind(self.wake, self._endpoints_changed)
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.on_decided = on_decided
@@ -208,14 +268,20 @@ class FlowController:
         """Admit a request; its ticket is decided at once when a slot is free or the queue full."""
         now = self._clock.now()
         ticket = Ticket(
-            self, QueuedRequest(request.workload_id, request.criticality, now, next(self._seq))
+            self,
+            QueuedRequest(request.workload_id, request.criticality, now, next(self._seq)),
+            request.pick,
         )
         workload_id = request.workload_id
         limits = self._limits(workload_id)
         room = self._has_free_slot()
+        missing = None if self.pool is None else self.pool.ineligible(request.pick)
         if not self._accepting:
             ticket._decide(Outcome.REJECTED_SHUTDOWN, now)
-        elif room and self._under_cap(workload_id, limits):
+        elif missing is not None:
+            ticket.detail = missing
+            ticket._decide(Outcome.REJECTED_NO_ENDPOINT, now)
+        elif room and self._under_cap(workload_id, limits) and self._placeable(ticket):
             self._policy.on_enqueue(ticket.request)
             self._take_slot(ticket, now)
         elif not room and request.criticality < self.shed_below:
@@ -327,6 +393,18 @@ class FlowController:
             if self._waiters:
                 self._notify()
 
+    def _endpoints_changed(self) -> None:
+        """The pool's membership changed: answer queued requests left with no endpoint."""
+        pool = self.pool
+        assert pool is not None
+        for flow in list(self._flows.values()):
+            for ticket in list(flow.values()):
+                missing = pool.ineligible(ticket.pick)
+                if missing is not None:
+                    ticket.detail = missing
+                    self._evict(ticket, Outcome.REJECTED_NO_ENDPOINT)
+        self.wake()
+
     def _has_free_slot(self) -> bool:
         return self.capacity.has_room(self._in_flight)
 
@@ -334,17 +412,26 @@ class FlowController:
         cap = limits.max_in_flight
         return cap is None or self.in_flight_for(workload_id) < cap
 
+    def _placeable(self, ticket: Ticket) -> bool:
+        return self.pool is None or self.pool.has_room(ticket.pick)
+
     def _take_slot(self, ticket: Ticket, now: float) -> None:
         self._in_flight += 1
         workload_id = ticket.request.workload_id
         self._running[workload_id] = self.in_flight_for(workload_id) + 1
         self.capacity.on_dispatch()
+        if self.pool is not None:
+            ticket.endpoints = self.pool.pick(ticket.pick)
+            ticket._endpoint = ticket.endpoints[0]
         self._policy.on_dispatch(ticket.request)
         ticket._decide(Outcome.DISPATCHED, now)
 
     def _first_byte(self, ticket: Ticket) -> None:
         dispatched_at = ticket.request.enqueued_at + ticket.wait_time
-        self.capacity.on_latency(self._clock.now() - dispatched_at, dispatched_at)
+        seconds = self._clock.now() - dispatched_at
+        self.capacity.on_latency(seconds, dispatched_at)
+        if self.pool is not None and ticket._endpoint is not None:
+            self.pool.on_first_byte(ticket._endpoint, seconds)
 
     def _free_slot(self, ticket: Ticket) -> None:
         self._in_flight -= 1
@@ -355,6 +442,8 @@ class FlowController:
         else:
             del self._running[workload_id]
         self.capacity.on_release()
+        if self.pool is not None and ticket._endpoint is not None:
+            self.pool.on_release(ticket._endpoint)
         dispatched_at = ticket.request.enqueued_at + ticket.wait_time
         self._policy.on_done(ticket.request, self._clock.now() - dispatched_at)
         self._rekey(ticket.request.workload_id)
@@ -364,14 +453,12 @@ class FlowController:
 
     def _dispatch_ready(self) -> None:
         while self._flows and self._has_free_slot():
-            if self.on_pick is None:
-                ticket = self._pick()
-            else:
-                started = time.perf_counter()
-                ticket = self._pick()
-                self.on_pick(time.perf_counter() - started)
+            started = time.perf_counter()
+            ticket = self._pick() if self.pool is None else self._pick_placeable()
             if ticket is None:
-                return  # every queued workload is at its in-flight cap
+                return  # every head waits for an endpoint of its own or its workload's cap
+            if self.on_pick is not None:
+                self.on_pick(time.perf_counter() - started)
             self._remove(ticket)
             self._take_slot(ticket, self._clock.now())
             self._rekey(ticket.request.workload_id)
@@ -390,6 +477,47 @@ class FlowController:
                 return next(iter(self._flows[key].values()))
             heapq.heappop(self._heap)
         return None
+
+    def _pick_placeable(self) -> Ticket | None:
+        """The policy's first flow head that some allowed endpoint has room for."""
+        assert self.pool is not None
+        if not self.pool.has_room(None):
+            return None  # no endpoint has room, so no subset has: skip the walk
+        if not self._policy.stable_keys:
+            heads = [
+                next(iter(flow.values()))
+                for (workload_id, _), flow in self._flows.items()
+                if self._under_cap(workload_id, self._limits(workload_id))
+            ]
+            placeable = [head for head in heads if self._placeable(head)]
+            if not placeable:
+                return None
+            return min(placeable, key=lambda head: self._policy.sort_key(head.request))
+        skipped: list[tuple[tuple[float, ...], int, FlowKey]] = []
+        found: Ticket | None = None
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            workload_id = entry[2][0]
+            if self._versions.get(workload_id) != entry[1]:
+                continue  # superseded
+            skipped.append(entry)  # live: it goes back whatever happens
+            found = self._best_placeable_head(workload_id)
+            if found is not None:
+                break
+        for entry in skipped:
+            heapq.heappush(self._heap, entry)
+        return found
+
+    def _best_placeable_head(self, workload_id: str) -> Ticket | None:
+        """This workload's best flow head that can be placed (usually its only flow)."""
+        heads = [
+            next(iter(self._flows[(workload_id, criticality)].values()))
+            for criticality in self._criticalities[workload_id]
+        ]
+        placeable = [head for head in heads if self._placeable(head)]
+        if not placeable:
+            return None
+        return min(placeable, key=lambda head: self._policy.sort_key(head.request))
 
     def _rekey(self, workload_id: str) -> None:
         """Re-enter this workload in the heap at the key of its best flow head."""

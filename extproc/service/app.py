@@ -21,6 +21,7 @@ import dataclasses
 import signal
 import socket
 from collections.abc import Coroutine
+from typing import Protocol
 
 import grpc
 import structlog
@@ -45,6 +46,12 @@ from extproc.fleet.registry import SharedWorkloadRegistry
 from extproc.fleet.sync import FleetOptions, FleetSync, LeasedCapacity
 from extproc.flowcontrol.policies import make_policy
 from extproc.flowcontrol.queue import FlowController
+from extproc.pool.discovery import DnsDiscovery, add_static
+from extproc.pool.kubernetes import InferencePoolWatch
+from extproc.pool.picker import make_picker
+from extproc.pool.pool import EndpointPool
+from extproc.pool.scorers import ScorerWeights
+from extproc.pool.scraper import EndpointScraper
 from extproc.registry.datastore import RegistryDatastore
 from extproc.registry.memory import InMemoryWorkloadRegistry
 from extproc.service.admin import make_admin_app
@@ -100,6 +107,8 @@ class Service:
             if isinstance(self.capacity, MetricsCapacity)
             else None
         )
+        self.pool = make_pool(settings, clock)
+        self._pool_tasks = _pool_tasks(settings, self.pool, clock) if self.pool else []
         self.flow = FlowController(
             policy,
             clock,
@@ -108,6 +117,7 @@ class Service:
             queue_timeout=settings.queue_timeout,
             limits=self.workloads.limits,
             shed_below=settings.shed_below,
+            pool=self.pool,
         )
         self.workloads.on_change(self.flow.reconfigure)
         self.fleet = (
@@ -121,9 +131,16 @@ class Service:
             else None
         )
         fleet_status = self.fleet.status if self.fleet is not None else None
-        self.reader = WorkloadReader(self.datastore, self.flow, fleet_status, self.workloads)
+        pool_status = self.pool.status if self.pool is not None else None
+        self.reader = WorkloadReader(
+            self.datastore, self.flow, fleet_status, self.workloads, pool_status
+        )
         self.metrics = Metrics(
-            self.reader, settings.metrics_top_workloads, fleet_status, self.workloads
+            self.reader,
+            settings.metrics_top_workloads,
+            fleet_status,
+            self.workloads,
+            pool_status,
         )
         self.flow.on_pick = self.metrics.decision.observe
         parser = ContextParser(
@@ -178,6 +195,8 @@ class Service:
             self._reloader = asyncio.create_task(self._reload_forever())
         if self._scraper is not None:
             await self._scraper.start()
+        for task in self._pool_tasks:
+            await task.start()
         if self.fleet is not None:
             await self.fleet.start()
         await self._set_ready(True)
@@ -207,12 +226,14 @@ class Service:
         await _within(drain, self.flow.wait_for(lambda: self.flow.queued == 0))
         self.flow.close()
         await _within(grace, self.flow.wait_for(lambda: self.flow.in_flight == 0))
-        for task in (self._sweeper, self._reloader):
-            if task is not None:
-                task.cancel()
+        for loop_task in (self._sweeper, self._reloader):
+            if loop_task is not None:
+                loop_task.cancel()
         self._sweeper = self._reloader = None
         if self._scraper is not None:
             await self._scraper.stop()
+        for task in reversed(self._pool_tasks):
+            await task.stop()
         if self.fleet is not None:
             await self.fleet.stop()
         if self._server is not None:
@@ -285,6 +306,38 @@ def make_capacity(settings: Settings, clock: Clock) -> Capacity:
     if settings.capacity == "adaptive":
         return AdaptiveCapacity(clock, settings.adaptive_options())
     return static
+
+
+def make_pool(settings: Settings, clock: Clock) -> EndpointPool | None:
+    """The endpoint pool, when endpoints are configured; None leaves routing to Envoy."""
+    if not settings.endpoints_configured:
+        return None
+    picker = make_picker(settings.picker, ScorerWeights.parse(settings.scorers))
+    pool = EndpointPool(clock, picker, settings.endpoint_options())
+    if settings.endpoints:
+        add_static(pool, settings.endpoints)
+    return pool
+
+
+class _Lifecycle(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def _pool_tasks(settings: Settings, pool: EndpointPool, clock: Clock) -> list[_Lifecycle]:
+    """Discovery first, so the scraper's first round meets the endpoints found."""
+    tasks: list[_Lifecycle] = [
+        DnsDiscovery(pool, name, settings.endpoints_dns_interval) for name in settings.endpoints_dns
+    ]
+    if settings.inference_pool:
+        tasks.append(InferencePoolWatch(pool, settings.inference_pool))
+    tasks.append(
+        EndpointScraper(
+            pool, clock, settings.endpoint_scrape_interval, settings.endpoint_metrics_path
+        )
+    )
+    return tasks
 
 
 def _fleet_options(settings: Settings) -> FleetOptions:

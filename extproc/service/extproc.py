@@ -113,7 +113,8 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         self._clock = clock
         self._metrics = metrics
         self._log = structlog.get_logger("extproc.request")
-        self._first_byte = flow.capacity.wants_first_byte
+        # Endpoints learn their slots from first bytes, as the latency-driven gates do.
+        self._first_byte = flow.capacity.wants_first_byte or flow.pool is not None
         seconds, fraction = divmod(hold_timeout, 1.0)
         self._hold = pb.ProcessingResponse(
             override_message_timeout=duration_pb2.Duration(
@@ -195,7 +196,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
             return _dispatched(workload.workload_id, ticket.wait_time, self._first_byte)
         assert ticket.outcome is not None
         self._complete(exchange)
-        return _immediate(rejection_for(ticket.outcome))
+        return _immediate(rejection_for(ticket.outcome, detail=ticket.detail))
 
     def _complete(self, exchange: _Exchange) -> None:
         workload, ticket = exchange.workload, exchange.ticket

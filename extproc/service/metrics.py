@@ -17,6 +17,10 @@ At scrape time (read from the queue and the registry, no request-path cost):
   extproc_fleet_connected, _replicas, _sync_errors_total, _sync_age_seconds;
   with --workloads extproc_workloads_config_errors_total (edits rejected, the
   last good table kept) and extproc_workloads_config_reloads_total;
+  with endpoint picking, per endpoint{endpoint="ip:port"} extproc_endpoint_ready,
+  _in_flight_requests, _waiting_requests, _running_requests, _queue_depth,
+  _kv_cache_usage, _saturation, _scrape_age_seconds, _picked_total,
+  _prefix_hits_total, _scrape_errors_total (endpoints are bounded by discovery);
   and per workload -- the N busiest by request rate,
   the rest summed as workload="other", so cardinality stays bounded whatever
   ids clients send --
@@ -35,6 +39,7 @@ from prometheus_client.registry import Collector
 
 from extproc.context import OTHER_WORKLOADS
 from extproc.contracts import CapacityStatus, FleetStatus
+from extproc.pool.pool import PoolStatus
 from extproc.service.readapi import WorkloadReader, WorkloadStatus
 from extproc.workloads import Workloads
 
@@ -50,6 +55,7 @@ class Metrics:
         top_workloads: int = 50,
         fleet: Callable[[], FleetStatus] | None = None,
         workloads: Workloads | None = None,
+        pool: Callable[[], PoolStatus] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -87,6 +93,8 @@ class Metrics:
             self.registry.register(_WorkloadsCollector(workloads))
         if fleet is not None:
             self.registry.register(_FleetCollector(fleet))
+        if pool is not None:
+            self.registry.register(_PoolCollector(pool))
         self._children: dict[str, tuple[Any, Any, Any]] = {}
 
     def record(self, outcome: str, queue_wait: float | None, rejected: bool) -> None:
@@ -168,6 +176,46 @@ class _WorkloadsCollector(Collector):
             "Edits of the --workloads file put in force.",
             value=self._workloads.reloads,
         )
+
+
+class _PoolCollector(Collector):
+    _GAUGES = (
+        ("in_flight_requests", "in_flight", "Requests picked for the endpoint, not completed."),
+        ("waiting_requests", "waiting", "Requests waiting in the server at the last scrape."),
+        ("running_requests", "running", "Requests running in the server at the last scrape."),
+        ("queue_depth", "queue_depth", "Estimated queue in the server; in flight if stale."),
+        ("kv_cache_usage", "kv_cache_usage", "KV-cache use, 0..1, at the last scrape."),
+        ("saturation", "saturation", "Saturation now, credit included; absent when stale."),
+        ("scrape_age_seconds", "scrape_age", "Seconds since the last good scrape."),
+    )
+    _COUNTERS = (
+        ("picked", "picked", "Requests picked for the endpoint as primary."),
+        ("prefix_hits", "prefix_hits", "Picks whose prompt prefix the endpoint had seen."),
+        ("scrape_errors", "scrape_errors", "Failed scrapes of the endpoint's metrics."),
+    )
+
+    def __init__(self, status: Callable[[], PoolStatus]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterable[Metric]:
+        endpoints = self._status().endpoints
+        labels = ["endpoint"]
+        ready = GaugeMetricFamily("extproc_endpoint_ready", "1: picks may go here.", labels=labels)
+        for e in endpoints:
+            ready.add_metric([e.address], float(e.ready))
+        yield ready
+        for name, field, documentation in self._GAUGES:
+            family = GaugeMetricFamily(f"extproc_endpoint_{name}", documentation, labels=labels)
+            for e in endpoints:
+                value = getattr(e, field)
+                if value is not None:
+                    family.add_metric([e.address], float(value))
+            yield family
+        for name, field, documentation in self._COUNTERS:
+            counter = CounterMetricFamily(f"extproc_endpoint_{name}", documentation, labels=labels)
+            for e in endpoints:
+                counter.add_metric([e.address], float(getattr(e, field)))
+            yield counter
 
 
 class _WorkloadFamilies:

@@ -14,6 +14,7 @@ from extproc.api.v1 import registry_pb2 as pb
 from extproc.api.v1 import registry_pb2_grpc as pb_grpc
 from extproc.contracts import CapacityStatus, Datastore, FleetStatus, WorkloadMetrics
 from extproc.flowcontrol.queue import FlowController
+from extproc.pool.pool import PoolStatus
 from extproc.service.auth import BearerToken
 from extproc.stats import percentile
 from extproc.workloads import Workloads, WorkloadSpec
@@ -65,12 +66,15 @@ class WorkloadReader:
         flow: FlowController,
         fleet: Callable[[], FleetStatus] | None = None,
         workloads: Workloads | None = None,
+        pool: Callable[[], PoolStatus] | None = None,
     ) -> None:
         self._registry = datastore.get_workload_registry()
         self.flow = flow
         self.fleet = fleet
         """This replica's view of its fleet, when the registry is shared."""
         self.workloads = workloads
+        self.pool = pool
+        """The endpoints and their state, when endpoint picking is on."""
 
     def get(self, workload_id: str) -> WorkloadStatus | None:
         metrics = self._registry.get_metrics(workload_id)
@@ -106,6 +110,7 @@ class WorkloadReader:
             max_concurrency=self.flow.max_concurrency,
             capacity=capacity_proto(self.flow.capacity.status()),
             fleet=fleet_proto(self.fleet()) if self.fleet is not None else None,
+            pool=pool_proto(self.pool()) if self.pool is not None else None,
         )
 
 
@@ -116,6 +121,29 @@ def fleet_proto(status: FleetStatus) -> pb.Fleet:
         replicas=status.replicas,
         sync_errors=status.errors,
         sync_age_seconds=status.age,
+    )
+
+
+def pool_proto(status: PoolStatus) -> pb.Pool:
+    return pb.Pool(
+        picker=status.picker,
+        endpoints=[
+            pb.PoolEndpoint(
+                address=e.address,
+                ready=e.ready,
+                in_flight=e.in_flight,
+                waiting=e.waiting,
+                running=e.running,
+                kv_cache_usage=e.kv_cache_usage,
+                queue_depth=e.queue_depth,
+                saturation=e.saturation,
+                scrape_age_seconds=e.scrape_age,
+                picked=e.picked,
+                prefix_hits=e.prefix_hits,
+                scrape_errors=e.scrape_errors,
+            )
+            for e in status.endpoints
+        ],
     )
 
 

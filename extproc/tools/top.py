@@ -6,7 +6,8 @@ table the limits in force (weight, in-flight and queued caps, criticality
 bound) -- sorted by `--sort`,
 under a header with the totals, a sparkline of the queue's depth, the
 capacity gate (its limit, and its saturation and each model server's last
-scrape, or its latencies) and, with a shared registry, the fleet.
+scrape, or its latencies), with a shared registry the fleet, and with endpoint
+picking a panel of the endpoints (ready, in flight, load, picks, prefix hits).
 """
 
 from __future__ import annotations
@@ -89,7 +90,30 @@ def render(snapshot: pb.WorkloadSnapshot, depths: list[int], sort: str, limit: i
     if len(rows) > limit:
         table.caption = f"{len(rows) - limit} more workloads not shown (--limit)"
     fleet = [fleet_line(snapshot.fleet)] if snapshot.HasField("fleet") else []
-    return Group(header, *capacity_lines(snapshot.capacity), *fleet, table)
+    pool = [pool_table(snapshot.pool)] if snapshot.HasField("pool") else []
+    return Group(header, *capacity_lines(snapshot.capacity), *fleet, *pool, table)
+
+
+def pool_table(pool: pb.Pool) -> Table:
+    """The endpoints panel: one row per model server the picker chooses among."""
+    table = Table(title=f"endpoints (picker {pool.picker})", expand=True)
+    for title in ("endpoint", "ready", "in flight", "waiting", "running", "queue", "kv",
+                  "scraped", "picked", "prefix hits"):  # fmt: skip
+        table.add_column(title, justify="left" if title == "endpoint" else "right")
+    for e in pool.endpoints:
+        table.add_row(
+            e.address,
+            Text("yes", "green") if e.ready else Text("no", "red"),
+            str(e.in_flight),
+            f"{e.waiting:.0f}" if e.HasField("waiting") else "-",
+            f"{e.running:.0f}" if e.HasField("running") else "-",
+            f"{e.queue_depth:.0f}",
+            f"{e.kv_cache_usage:.0%}" if e.HasField("kv_cache_usage") else "-",
+            f"{e.scrape_age_seconds:.2f}s ago" if e.HasField("scrape_age_seconds") else "never",
+            str(e.picked),
+            str(e.prefix_hits),
+        )
+    return table
 
 
 def limits_text(limits: pb.WorkloadLimits) -> str:
