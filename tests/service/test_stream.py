@@ -54,7 +54,9 @@ class Stream:
         clock = VirtualClock()
         self.registry = InMemoryWorkloadRegistry(clock)
         datastore = RegistryDatastore(self.registry)
-        self.flow = FlowController(policy or FcfsPolicy(), clock, capacity=gate or StaticCapacity(4))
+        self.flow = FlowController(
+            policy or FcfsPolicy(), clock, capacity=gate or StaticCapacity(4)
+        )
         metrics = Metrics(WorkloadReader(datastore, self.flow, None))
         self.service = ExternalProcessorService(
             datastore, self.flow, ContextParser("default"), clock, metrics, hold_timeout=30
