@@ -16,7 +16,8 @@ Algorithm
 - Capacity is a gate (`contracts.Capacity`) consulted before every release:
   a fixed limit C on requests in flight (released, not yet completed), or one
   that follows the backend (`saturation`, `adaptive`). A request is released
-  the moment it is enqueued if the gate has room, each completion releases
+  the moment it is enqueued if none is queued and the gate has room (never
+  ahead of those waiting), each completion releases
   the next one synchronously, and a gate whose room grows by itself wakes the
   controller: no polling tick, no idle gap. Invariant: the queue is non-empty
   only while the gate says no.
@@ -195,7 +196,7 @@ class FlowController:
         )
         if not self._accepting:
             ticket._decide(Outcome.REJECTED_SHUTDOWN, now)
-        elif self._has_free_slot():
+        elif not self._queued and self._has_free_slot():
             self._policy.on_enqueue(ticket.request)
             self._take_slot(ticket, now)
         elif self._queued >= self.max_queue:
@@ -203,6 +204,8 @@ class FlowController:
         else:
             self._policy.on_enqueue(ticket.request)
             self._push(ticket)
+            # Those queued go first, in policy order, should the gate have room.
+            self._dispatch_ready()
         return ticket
 
     async def enqueue_and_wait(self, request: FlowRequest) -> Ticket:

@@ -89,7 +89,7 @@ async def demo_stack(start_service: StartService) -> AsyncIterator[MakeDemoStack
 async def test_metrics_gate_keeps_the_model_servers_queue_at_its_threshold(
     demo_stack: MakeDemoStack,
 ) -> None:
-    stack = await demo_stack(capacity="metrics", waiting_threshold=THRESHOLD)
+    stack = await demo_stack(capacity="metrics", waiting_threshold=THRESHOLD, max_concurrency=64)
     assert stack.service.flow.capacity.status().fallback is False  # scraped before serving
     queued_peak = 0
 
