@@ -14,11 +14,14 @@
 -- 3. Fleet capacity (capacity > 0): share the slots among live replicas,
 --    max-min fair by demand (in flight + queued), the rest evenly as headroom.
 --    The replica may dispatch up to min(share, capacity - what the others
---    hold): its grant. It holds max(grant, in flight): requests already in
---    flight past the grant are a reservation the others must respect, but no
---    licence to dispatch more, so a backlogged replica drains down to its
---    share. Each grant is computed against the others' holdings, each holding
---    is at least its grant, so the grants recorded never sum past capacity.
+--    hold): its grant. It holds max(grant, in flight, the limit it uses until
+--    this reply arrives): requests already in flight past the grant are a
+--    reservation the others must respect, but no licence to dispatch more, so
+--    a backlogged replica drains down to its share; and if this reply is lost
+--    the replica goes on under its old limit, which its holding covers. Each
+--    grant is computed against the others' holdings, each holding is at least
+--    its grant, so the grants recorded never sum past capacity, nor do the
+--    limits in force while every replica's lease holds.
 -- 4. Return the grant, the live replica count, and the workloads changed since
 --    the version this replica last saw (every workload when it saw none, or
 --    when forgotten workloads it has not heard of were pruned since): their
@@ -29,12 +32,12 @@
 -- All times are Redis's own clock, in ms, so replicas' clocks never disagree.
 -- ARGV: prefix, replica, lease_ms, capacity, demand, in_flight, rate_window_ms,
 --       ema_alpha, idle_ttl_ms, seq, deltas JSON {id: [new, dispatched, [waits]]},
---       active JSON {id: n}, since (version last seen; -1: none)
+--       active JSON {id: n}, since (version last seen; -1: none), limit in force
 local P, me = ARGV[1], ARGV[2]
 local lease, capacity = tonumber(ARGV[3]), tonumber(ARGV[4])
 local demand, in_flight = tonumber(ARGV[5]), tonumber(ARGV[6])
 local window, alpha, idle = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local seq, since = tonumber(ARGV[10]), tonumber(ARGV[13])
+local seq, since, using = tonumber(ARGV[10]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local WORKLOADS, REPLICAS = P .. ':workloads', P .. ':replicas'
 local HELD, GRANT, DEMAND = P .. ':held', P .. ':grant', P .. ':demand'
 local SEQ, FENCE = P .. ':seq', P .. ':fence'
@@ -145,7 +148,7 @@ if capacity > 0 then
   end
   granted = math.max(0, math.min(share[me], capacity - others_held))
   redis.call('HSET', GRANT, me, granted)
-  redis.call('HSET', HELD, me, math.max(granted, in_flight))
+  redis.call('HSET', HELD, me, math.max(granted, in_flight, using))
 end
 
 -- 4. idle workloads with nothing active are forgotten (a tombstone tells the

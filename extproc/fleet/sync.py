@@ -11,11 +11,15 @@ not how many workloads the fleet knows.
 Fleet capacity: with `--max-concurrency C` the script shares C slots among
 the live replicas (max-min fair by demand, spare slots spread as headroom)
 and a replica dispatches only while it has fewer than its granted slots in
-flight. Requests it already has in flight beyond its grant are a reservation
-the others respect, so a backlogged replica drains down to its share when
-another arrives. Grants are leases: a replica that stops syncing (killed,
-cut off) is forgotten `lease` seconds after its last sync, and its slots go
-back to the others. The grants recorded never sum past C.
+flight. Requests it already has in flight beyond its grant, and the limit
+it uses until the reply arrives, are a reservation the others respect (no
+licence to dispatch more), so a backlogged replica drains down to its share
+when another arrives, and a lost reply cannot oversell. Grants are leases:
+a replica that stops syncing (killed, cut off) is forgotten `lease` seconds
+after its last sync, and its slots go back to the others. The grants
+recorded never sum past C, nor, while every replica's lease holds, do the
+limits in force. During a partition longer than a lease the cut-off replica
+uses its fallback while the others share all C: availability over strictness.
 
 The lease is timed locally from the moment the sync was *sent*, less a margin
 (one interval), so it ends before Redis's, which starts when the script runs.
@@ -268,6 +272,7 @@ class FleetSync:
             in_flight + queued, in_flight, int(o.rate_window * 1000), o.ema_alpha,
             int(o.idle_ttl * 1000), self._seq, json.dumps(deltas),
             json.dumps(self._registry.active_counts()), self._since,
+            self._capacity.limit if self._capacity is not None and self._capacity.leased else 0,
         ]  # fmt: skip
 
     def _failed(self, error: Exception) -> None:
