@@ -139,3 +139,24 @@ async def test_adaptive_learns_from_first_bytes_that_envoy_sends_on_request(
         assert stack.service.flow.in_flight == 1
         await reply.read()
     await eventually(lambda: stack.service.flow.in_flight == 0)
+
+
+async def test_adaptive_ignores_envoys_own_replies(start_service: StartService) -> None:
+    """#16.9: connect failures answered by Envoy in microseconds are not the backend's
+    no-load latency (Envoy reports response.code_details, not via_upstream)."""
+    service = await start_service(capacity="adaptive", max_concurrency=16, adaptive_min_limit=2)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        nobody = sock.getsockname()[1]  # closed once bound and released: refused
+    envoy = Envoy(bundled_config(service.grpc_port, nobody))
+    await envoy.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(12):  # more than the probe's samples
+                async with http.get(f"http://127.0.0.1:{envoy.port}/v1/completions") as reply:
+                    assert reply.status == 503
+                    await reply.read()
+        await eventually(lambda: service.flow.in_flight == 0)
+        assert service.flow.capacity.status().min_latency is None  # nothing learnt
+    finally:
+        await envoy.stop()
