@@ -4,7 +4,7 @@ the paths a real server takes rarely and cannot be made to take on demand."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -22,20 +22,7 @@ from extproc.registry.memory import InMemoryWorkloadRegistry
 from extproc.service.extproc import ExternalProcessorService
 from extproc.service.metrics import Metrics
 from extproc.service.readapi import WorkloadReader
-
-
-class RpcContext:
-    """What the handler may use of grpc.aio's ServicerContext."""
-
-    def __init__(self) -> None:
-        self.callbacks: list[Callable[[Any], None]] = []
-
-    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
-        self.callbacks.append(callback)
-
-    def end(self) -> None:
-        for callback in self.callbacks:
-            callback(self)
+from tests.support.rpc_context import RpcContext
 
 
 class FirstBytes(StaticCapacity):
