@@ -27,13 +27,13 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: see above
 
-from redis import asyncio as aioredis  # noqa: E402
+from redis import asyncio as aioredis
 
-from extproc.clock import SystemClock  # noqa: E402
-from extproc.fleet.registry import SharedWorkloadRegistry  # noqa: E402
-from extproc.fleet.sync import FleetOptions, FleetSync, LeasedCapacity  # noqa: E402
-from extproc.registry.memory import InMemoryWorkloadRegistry  # noqa: E402
-from tests.support.redis_server import RedisServer  # noqa: E402
+from extproc.clock import SystemClock
+from extproc.fleet.registry import SharedWorkloadRegistry
+from extproc.fleet.sync import FleetOptions, FleetSync, LeasedCapacity
+from extproc.registry.memory import InMemoryWorkloadRegistry
+from tests.support.redis_server import RedisServer
 
 
 class Replica:
