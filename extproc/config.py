@@ -206,6 +206,12 @@ class Settings(BaseSettings):
     registry_lease: float = Field(
         5.0, gt=0, description="redis: a replica silent this long loses its slots, s"
     )
+    registry_replicas_hint: int = Field(
+        1,
+        ge=1,
+        description="redis: replicas expected; until its first sync with Redis a replica "
+        "takes --max-concurrency / this many slots",
+    )
     registry_prefix: str = Field("extproc", min_length=1, description="redis: key prefix")
     max_queue: int = Field(10_000, ge=0, description="requests waiting at once, all workloads")
     queue_timeout: float = Field(30.0, gt=0, le=3600, description="longest wait in the queue, s")
@@ -374,6 +380,13 @@ class Settings(BaseSettings):
     def _settings_that_go_together(self) -> Settings:
         if self.capacity == "metrics" and not self.backend_metrics_url:
             raise ValueError("--capacity metrics needs at least one --backend-metrics-url")
+        if self.capacity == "metrics" and self.max_concurrency == 0:
+            # Stale metrics (an overloaded server answering /metrics slowly) hand
+            # control to this limit: unlimited would flood the backend then.
+            raise ValueError(
+                "--capacity metrics needs --max-concurrency: its ceiling, and the limit "
+                "when every endpoint's metrics go stale"
+            )
         if self.registry_lease < 3 * self.registry_sync_interval:
             raise ValueError("--registry-lease must be at least 3 x --registry-sync-interval")
         stale, interval = self.backend_metrics_stale, self.backend_metrics_interval

@@ -24,7 +24,11 @@ Algorithm
   level with the workloads being served, at most one charge ahead of them.
   An idle workload's counter is forgotten once it is at or below the floor,
   and in any case when the registry forgets the workload (idle TTL): a debt
-  older than that is forgiven.
+  older than that is forgiven. The smallest backlogged counter comes from a
+  min-heap with lazy deletion (an entry is stale once its workload left the
+  backlog or its counter moved; stale entries are dropped as they surface, and
+  the heap is rebuilt when they outnumber the live ones): O(log W) amortised
+  per hook, W = backlogged workloads.
 
 Guarantees
 - Work-conserving: the policy only orders; it never keeps a free slot idle.
@@ -41,6 +45,7 @@ Concurrency: called only by the flow controller, on its event loop.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -74,6 +79,8 @@ class FairSharePolicy(KeyedPolicy):
         self._charged: dict[int, float] = {}
         self._average_service: float | None = None
         self._virtual_time = 0.0
+        self._backlog: list[tuple[float, str]] = []
+        """(counter, workload) of backlogged workloads; see the module's note on staleness."""
 
     def counter(self, workload_id: str) -> float:
         return self._counters.get(workload_id, self._floor())
@@ -83,9 +90,12 @@ class FairSharePolicy(KeyedPolicy):
 
     def on_enqueue(self, item: QueuedRequest) -> None:
         workload = item.workload_id
-        if not self._queued.get(workload):
+        idle = not self._queued.get(workload)
+        if idle:
             self._counters[workload] = max(self._counters.get(workload, 0.0), self._floor())
         self._queued[workload] = self._queued.get(workload, 0) + 1
+        if idle:
+            self._rekey(workload)
 
     def on_dispatch(self, item: QueuedRequest) -> None:
         workload = item.workload_id
@@ -95,6 +105,7 @@ class FairSharePolicy(KeyedPolicy):
         charge = self._estimate(workload) if self.cost == "occupancy" else 1.0
         self._charged[item.seq] = charge
         self._counters[workload] += charge / self._weight(item)
+        self._rekey(workload)
 
     def on_done(self, item: QueuedRequest, service_time: float | None) -> None:
         workload = item.workload_id
@@ -108,6 +119,7 @@ class FairSharePolicy(KeyedPolicy):
             if self.cost == "occupancy":
                 self._counters[workload] += (service_time - charged) / self._weight(item)
                 self._learn(workload, service_time)
+                self._rekey(workload)
         self._forget_if_idle(workload)
 
     def forget(self, workload_id: str) -> None:
@@ -119,8 +131,22 @@ class FairSharePolicy(KeyedPolicy):
         # The virtual time is the counter of the latest dispatch, so normally no
         # backlogged counter is below it; an occupancy correction can push one
         # below, and a newcomer must not then start behind it.
-        backlogged = min((self._counters[w] for w in self._queued), default=self._virtual_time)
-        return min(self._virtual_time, backlogged)
+        heap = self._backlog
+        while heap:
+            counter, workload = heap[0]
+            if workload in self._queued and self._counters.get(workload) == counter:
+                return min(self._virtual_time, counter)
+            heapq.heappop(heap)
+        return self._virtual_time
+
+    def _rekey(self, workload: str) -> None:
+        """The workload's counter moved: enter its new value if it is backlogged."""
+        if workload not in self._queued:
+            return
+        heapq.heappush(self._backlog, (self._counters[workload], workload))
+        if len(self._backlog) > 2 * len(self._queued) + 64:
+            self._backlog = [(self._counters[w], w) for w in self._queued]
+            heapq.heapify(self._backlog)
 
     def _weight(self, item: QueuedRequest) -> float:
         return self._workload_weight(item.workload_id) or self._weights[item.criticality - 1]

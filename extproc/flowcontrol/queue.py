@@ -18,7 +18,8 @@ Algorithm
 - Capacity is a gate (`contracts.Capacity`) consulted before every release:
   a fixed limit C on requests in flight (released, not yet completed), or one
   that follows the backend (`saturation`, `adaptive`). A request is released
-  the moment it is enqueued if the gate has room, each completion releases
+  the moment it is enqueued if none is queued and the gate has room (never
+  ahead of those waiting), each completion releases
   the next one synchronously, and a gate whose room grows by itself wakes the
   controller: no polling tick, no idle gap. Invariant: the queue holds a
   request only while the gate says no or its workload is at its in-flight cap.
@@ -281,7 +282,12 @@ class FlowController:
         elif missing is not None:
             ticket.detail = missing
             ticket._decide(Outcome.REJECTED_NO_ENDPOINT, now)
-        elif room and self._under_cap(workload_id, limits) and self._placeable(ticket):
+        elif (
+            not self._queued
+            and room
+            and self._under_cap(workload_id, limits)
+            and self._placeable(ticket)
+        ):
             self._policy.on_enqueue(ticket.request)
             self._take_slot(ticket, now)
         elif not room and request.criticality < self.shed_below:
@@ -293,6 +299,8 @@ class FlowController:
         else:
             self._policy.on_enqueue(ticket.request)
             self._push(ticket)
+            # Those queued go first, in policy order, should the gate have room.
+            self._dispatch_ready()
         return ticket
 
     def _make_room(self, workload_id: str) -> bool:
@@ -551,5 +559,8 @@ class FlowController:
             self._policy.on_done(ticket.request, None)
             self._rekey(ticket.request.workload_id)
             ticket._decide(outcome, self._clock.now())
+            if self.pool is not None and self._accepting:
+                # The flow's next request may be allowed endpoints its old head was not.
+                self._dispatch_ready()
             if self._waiters:
                 self._notify()

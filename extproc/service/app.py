@@ -297,7 +297,13 @@ class Service:
 def make_capacity(settings: Settings, clock: Clock) -> Capacity:
     shared = settings.registry != "memory"
     if shared and settings.capacity == "static" and settings.max_concurrency > 0:
-        return LeasedCapacity(settings.max_concurrency, clock, settings.registry_lease)
+        return LeasedCapacity(
+            settings.max_concurrency,
+            clock,
+            settings.registry_lease,
+            margin=settings.registry_sync_interval,
+            replicas=settings.registry_replicas_hint,
+        )
     static = StaticCapacity(settings.max_concurrency)
     if settings.capacity == "metrics":
         return MetricsCapacity(

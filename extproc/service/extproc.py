@@ -34,7 +34,10 @@ suspended. Suspended in `Ticket.wait`: the ticket leaves the queue (or, if the
 queue released it in that instant, gives its slot to the next request) and
 `finally` completes the request. Suspended at a `yield`: `finally` completes
 it, and `Ticket.close` evicts it if it was still queued. Nowhere else does this
-handler await, so no path skips the `finally`.
+handler await, so no path skips the `finally`. And when grpc.aio ends the RPC
+without finalising the generator (a failed write leaves it suspended at a
+`yield`), the RPC's done-callback completes the request; completion is
+idempotent, so whichever runs second does nothing.
 """
 
 from __future__ import annotations
@@ -126,6 +129,9 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         self, request_iterator: AsyncIterator[Any], context: Any
     ) -> AsyncIterator[Any]:
         exchange = _Exchange()
+        # grpc.aio does not always finalise a generator suspended at a `yield` (a failed
+        # write): the RPC's end completes the request too, whichever comes first.
+        context.add_done_callback(lambda _: self._complete(exchange))
         try:
             async for message in request_iterator:
                 phase = message.WhichOneof("request")
@@ -141,7 +147,12 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 response = _PASS_THROUGH.get(phase) if phase else None
                 if response is None:
                     continue
-                if self._first_byte and exchange.ticket and phase.startswith("response"):
+                if (
+                    self._first_byte
+                    and exchange.ticket
+                    and phase.startswith("response")
+                    and _from_backend(message)
+                ):
                     exchange.ticket.first_byte()
                 if _ends_response(message, phase):
                     self._complete(exchange)
@@ -203,9 +214,11 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         if workload is None or exchange.completed:
             return
         exchange.completed = True
-        if ticket is not None:
-            ticket.close()
-        self._datastore.workload_handle_completed_request(workload.workload_id)
+        try:
+            if ticket is not None:
+                ticket.close()
+        finally:  # a policy error in close must not leak the registry's count
+            self._datastore.workload_handle_completed_request(workload.workload_id)
         outcome = ticket.outcome if ticket and ticket.outcome else Outcome.EVICTED_CLIENT_GONE
         wait = ticket.wait_time if ticket else 0.0
         rejected = outcome not in (Outcome.DISPATCHED, Outcome.EVICTED_CLIENT_GONE)
@@ -226,6 +239,17 @@ def _context_headers(header_map: Any, wanted: frozenset[str]) -> dict[str, list[
         if header.key in wanted:
             found.setdefault(header.key, []).append(header.raw_value or header.value.encode())
     return found
+
+
+def _from_backend(message: Any) -> bool:
+    """False for Envoy's own replies (connect failure, upstream timeout): their latency
+    says nothing about the backend. Envoy says which through the `response.code_details`
+    attribute (envoy/envoy.yaml asks for it); without it, assume the backend."""
+    for attributes in message.attributes.values():
+        details = attributes.fields.get("response.code_details")
+        if details is not None:
+            return bool(details.string_value == "via_upstream")
+    return True
 
 
 def _ends_response(message: Any, phase: str) -> bool:

@@ -7,6 +7,7 @@ import pytest
 
 from extproc.clock import VirtualClock
 from extproc.contracts import Policy, QueuedRequest
+from extproc.flowcontrol.fair_share import FairSharePolicy
 from extproc.flowcontrol.policies import POLICIES, make_policy
 from extproc.flowcontrol.policy import ScoreWeights, WorkloadAwarePolicy
 from extproc.outcomes import Outcome
@@ -196,3 +197,25 @@ def test_negative_control_the_seed_score_starves_the_light_workload() -> None:
     """Proves the test above can fail: the seed's stale average lets the flood win every time."""
     waits = starvation_scenario(SeedWorkloadAware)
     assert waits.count(None) >= 8
+
+
+class _CountingReads(dict[str, float]):
+    reads = 0
+
+    def __getitem__(self, key: str) -> float:
+        _CountingReads.reads += 1
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: float | None = None) -> float | None:  # type: ignore[override]
+        _CountingReads.reads += 1
+        return super().get(key, default)
+
+
+def test_fair_share_finds_its_floor_without_scanning_the_backlog() -> None:
+    """#16.8: a workload enqueued from idle costs O(log W) counter reads, not O(W)."""
+    policy = FairSharePolicy(cost="requests")
+    policy._counters = _CountingReads()
+    workloads = 2000
+    for n in range(workloads):  # each from idle, all of them backlogged
+        policy.on_enqueue(QueuedRequest(f"w{n}", 1, 0.0, n))
+    assert _CountingReads.reads < 20 * workloads
