@@ -31,6 +31,7 @@ from extproc.capacity.saturation import KV_CACHE_METRICS, WAITING_METRICS, Satur
 from extproc.flowcontrol.fair_share import DEFAULT_WEIGHTS
 from extproc.flowcontrol.policies import POLICIES, PolicyOptions
 from extproc.flowcontrol.policy import ScoreWeights
+from extproc.pool.body import DEFAULT_MAX_BODY_BYTES
 from extproc.pool.endpoints import EndpointOptions
 from extproc.pool.scorers import ScorerWeights
 
@@ -215,6 +216,13 @@ class Settings(BaseSettings):
     rate_saturation: float = Field(100.0, gt=0, description="workload-aware: rate cap, req/s")
     fair_share_cost: Literal["requests", "occupancy"] = Field(
         "occupancy", description="fair-share: charge per request, or per slot-second"
+    )
+    max_body_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES,
+        ge=0,
+        le=1 << 30,
+        description="full-duplex bodies: read the OpenAI JSON request body up to this size; "
+        "a larger one is forwarded unchanged and picked without its prompt",
     )
     criticality_weights: str = Field(
         ",".join(f"{w:g}" for w in DEFAULT_WEIGHTS),

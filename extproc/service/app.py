@@ -138,6 +138,8 @@ class Service:
             self.metrics,
             hold_timeout=settings.queue_timeout + HOLD_MARGIN,
             overflow_when_full=settings.on_registry_full == "overflow",
+            pick_endpoints=settings.endpoints_configured,
+            max_body_bytes=settings.max_body_bytes,
         )
         self.health = HealthServicer()
         self.token = BearerToken(settings.admin_token)
