@@ -87,7 +87,8 @@ class PoolEndpoint:
     async def _stream(
         self, request: web.Request, document: dict[str, object]
     ) -> web.StreamResponse:
-        """SSE: `chunks` events `interval` seconds apart, then [DONE]."""
+        """SSE: `chunks` events `interval` seconds apart, then [DONE]; with `"reset": true`
+        the connection drops after the first event."""
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
         chunks = int(str(document.get("chunks", 3)))
@@ -96,6 +97,11 @@ class PoolEndpoint:
             event = {"endpoint": self.name, "index": index}
             await response.write(f"data: {json.dumps(event)}\n\n".encode())
             await asyncio.sleep(interval)
+            if document.get("reset"):
+                # Die mid-answer: the connection is torn down under the response.
+                assert request.transport is not None
+                request.transport.abort()
+                return response
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
