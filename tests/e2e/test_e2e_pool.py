@@ -75,13 +75,14 @@ MakePoolStack = Callable[..., Awaitable[PoolStack]]
 async def make_pool_stack(start_service: StartService) -> AsyncIterator[MakePoolStack]:
     cleanups: list[Callable[[], Awaitable[None]]] = []
 
-    async def make(**settings: object) -> PoolStack:
+    async def make(envoy_filter: dict[str, Any] | None = None, **settings: object) -> PoolStack:
         endpoints = [PoolEndpoint(f"e{i}") for i in range(3)]
         for endpoint in endpoints:
             await endpoint.start()
             cleanups.append(endpoint.stop)
         service = await start_service(endpoints=[e.address for e in endpoints], **settings)
-        envoy = Envoy(pool_config(service.grpc_port, [e.port for e in endpoints]))
+        ports = [e.port for e in endpoints]
+        envoy = Envoy(pool_config(service.grpc_port, ports, **(envoy_filter or {})))
         cleanups.append(envoy.stop)
         await envoy.start()
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
@@ -147,7 +148,9 @@ async def test_a_saturated_endpoint_gets_nothing_new(make_pool_stack: MakePoolSt
 
 
 async def test_all_saturated_requests_wait_then_go(make_pool_stack: MakePoolStack) -> None:
-    stack = await make_pool_stack()
+    # Held past Envoy's 1 s message timeout: the hold's timeout override works with
+    # full-duplex bodies too (a 504 from Envoy otherwise).
+    stack = await make_pool_stack({"message_timeout": "1s"})
     for endpoint in stack.endpoints:
         endpoint.waiting = 1000
     for endpoint in stack.endpoints:
@@ -155,6 +158,8 @@ async def test_all_saturated_requests_wait_then_go(make_pool_stack: MakePoolStac
     waiting = [asyncio.create_task(stack.complete("a", {"prompt": f"{i}"})) for i in range(3)]
     await eventually(lambda: stack.service.flow.queued == 3, within=10)
     assert all(not e.served for e in stack.endpoints)
+    await asyncio.sleep(1.5)  # the hold must outlast the message timeout
+    assert stack.service.flow.queued == 3
     stack.endpoints[1].waiting = 0
     results = await asyncio.wait_for(asyncio.gather(*waiting), 20)
     assert [status for status, _ in results] == [200, 200, 200]
