@@ -9,7 +9,7 @@ CAPACITY ?= static
 REPLICAS ?= 1
 ARGS ?=
 
-.PHONY: all install protos run test lint format fairness-report pool-report bench bench-ablation clean
+.PHONY: all install protos run test lint format fairness-report pool-report demo-fairness bench bench-ablation clean
 
 all: install
 
@@ -48,6 +48,11 @@ bench: install
 bench-ablation: install
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python bench/ablation.py
+
+# Not part of `make test`: a flooding tenant against a light one through Envoy,
+# --policy fcfs then fair-share; per-tenant TTFT p50/p99, ITL and tokens/s.
+demo-fairness: install
+	$(BIN)/python bench/demo_fairness.py
 
 fairness-report: install
 	$(BIN)/python docs/fairness_report.py

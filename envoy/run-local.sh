@@ -62,10 +62,16 @@ cat <<'MSG'
 
 workload-extproc is running behind Envoy. Try:
 
-  curl -N -H 'x-workload-context: {"workload_id": "team-a", "criticality": 4}' http://127.0.0.1:10000/v1/completions
+  curl -N -H 'x-workload-context: {"workload_id": "team-a", "criticality": 4}' \
+    -H 'content-type: application/json' http://127.0.0.1:10000/v1/chat/completions \
+    -d '{"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "stream": true}'
 
   # eight at once from two workloads: four run, the rest queue and are released fairly
-  for i in $(seq 8); do curl -s -o /dev/null -w "%{http_code}\n" -H "x-workload-context: {\"workload_id\": \"team-$((i % 2))\"}" http://127.0.0.1:10000/ & done
+  for i in $(seq 8); do curl -s -o /dev/null -w "%{http_code}\n" -H "x-workload-context: {\"workload_id\": \"team-$((i % 2))\"}" -H 'content-type: application/json' -d '{"model": "demo", "prompt": "Hi"}' http://127.0.0.1:10000/v1/completions & done
+
+  # the official openai SDK, unchanged (pip install openai):
+  #   OpenAI(base_url="http://127.0.0.1:10000/v1", api_key="unused",
+  #          default_headers={"x-workload-context": '{"workload_id": "team-a"}'})
 
   curl -s http://127.0.0.1:9003/v1/workloads      # what the registry knows
   curl -s http://127.0.0.1:9003/metrics           # Prometheus metrics

@@ -35,7 +35,7 @@ from extproc.flowcontrol.policies import POLICIES
 from extproc.log import configure_logging
 from extproc.service.app import run
 from extproc.tools import top
-from extproc.tools.demo_backend import make_demo_app
+from extproc.tools.demo_backend import Timing, make_demo_app
 from extproc.tools.simulate import Scenario, SimResult
 from extproc.tools.simulate import run as run_scenario
 
@@ -117,8 +117,19 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo-backend", help="run an LLM-like streaming demo backend")
     demo.add_argument("--listen", default="127.0.0.1:8000")
     demo.add_argument("--concurrency", type=int, default=4, help="requests served at once")
-    demo.add_argument("--tokens", type=int, default=20, help="events streamed per answer")
-    demo.add_argument("--duration", type=float, default=2.0, help="seconds to stream an answer")
+    demo.add_argument(
+        "--max-tokens", type=int, default=20, help="answer length when a request names none"
+    )
+    demo.add_argument("--first-token", type=float, default=0.05, help="seconds before prefill")
+    demo.add_argument(
+        "--prefill-rate", type=float, default=5000.0, help="prompt tokens prefilled per second"
+    )
+    demo.add_argument("--inter-token", type=float, default=0.1, help="seconds between tokens")
+    demo.add_argument("--speed", type=float, default=1.0, help="divides every time above")
+    demo.add_argument(
+        "--prefix-cache-blocks", type=int, default=2048, help="blocks of 16 tokens kept (0: off)"
+    )
+    demo.add_argument("--model", default="demo", help="the model name served")
     return parser
 
 
@@ -259,10 +270,18 @@ def _result_table(result: SimResult) -> Table:
 
 def _demo_backend(args: dict[str, object]) -> int:
     host, port = parse_address(str(args["listen"]))
+    timing = Timing(
+        first_token=float(str(args["first_token"])),
+        prefill_rate=float(str(args["prefill_rate"])),
+        inter_token=float(str(args["inter_token"])),
+        speed=float(str(args["speed"])),
+    )
     app = make_demo_app(
-        concurrency=int(str(args["concurrency"])),
-        tokens=int(str(args["tokens"])),
-        duration=float(str(args["duration"])),
+        int(str(args["concurrency"])),
+        max_tokens=int(str(args["max_tokens"])),
+        timing=timing,
+        prefix_cache_blocks=int(str(args["prefix_cache_blocks"])),
+        model=str(args["model"]),
     )
     web.run_app(app, host=host, port=port, print=lambda _: None)
     return 0

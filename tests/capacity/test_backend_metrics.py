@@ -25,8 +25,9 @@ from extproc.capacity.static import StaticCapacity
 from extproc.cli import main
 from extproc.clock import SystemClock
 from extproc.config import Settings
-from extproc.tools.demo_backend import make_demo_app
+from extproc.tools.demo_backend import Timing
 from tests.conftest import StartService
+from tests.support.demo_server import completion, demo_server
 from tests.support.metrics_page import scrape
 
 VLLM_OLD = """# HELP vllm:num_requests_waiting Number of requests waiting.
@@ -65,12 +66,8 @@ def test_a_page_without_the_waiting_series_is_an_error(text: str, problem: str) 
 
 @pytest.fixture
 async def demo_backend() -> AsyncIterator[str]:
-    runner = web.AppRunner(make_demo_app(concurrency=1, tokens=4, duration=0.4))
-    await runner.setup()
-    sock = socket.create_server(("127.0.0.1", 0))
-    await web.SockSite(runner, sock).start()
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    await runner.cleanup()
+    async with demo_server(1, max_tokens=4, timing=Timing(inter_token=0.1)) as url:
+        yield url
 
 
 def refused_url() -> str:
@@ -98,11 +95,11 @@ async def test_scraper_reads_the_demo_backends_real_load(demo_backend: str) -> N
         finally:
             await scraper.stop()
         async with http.get(f"{demo_backend}/metrics") as reply:
-            assert "demo_backend_max_waiting 2" in await reply.text()
+            assert "demo_backend_max_waiting 2.0" in await reply.text()
 
 
 async def _get(http: aiohttp.ClientSession, base: str) -> None:
-    async with http.get(base + "/") as reply:
+    async with http.post(base + "/v1/completions", json=completion(4)) as reply:
         await reply.read()
 
 

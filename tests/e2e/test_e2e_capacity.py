@@ -4,19 +4,18 @@ config), the real service and the demo backend, on ephemeral loopback ports."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from extproc.service.app import Service
-from extproc.tools.demo_backend import make_demo_app
 from tests.conftest import StartService
+from tests.support.demo_server import completion, demo_server
 from tests.support.envoy import Envoy, bundled_config
 from tests.support.extproc_client import eventually
 
@@ -29,27 +28,27 @@ THRESHOLD = 2
 @dataclass
 class DemoStack:
     service: Service
-    backend_port: int
+    backend: str
     envoy: Envoy
     http: aiohttp.ClientSession
 
     async def backend_metric(self, name: str) -> float:
-        async with self.http.get(f"http://127.0.0.1:{self.backend_port}/metrics") as reply:
+        async with self.http.get(f"{self.backend}/metrics") as reply:
             for line in (await reply.text()).splitlines():
                 if line.startswith(name):
                     return float(line.rsplit(" ", 1)[1])
         raise AssertionError(f"no {name}")
 
-    async def flood(self, clients: int, seconds: float, query: str = "") -> Counter[int]:
+    async def flood(self, clients: int, seconds: float) -> Counter[int]:
         """`clients` loops sending back to back for `seconds`; the statuses seen."""
         statuses: Counter[int] = Counter()
         deadline = time.monotonic() + seconds
-        url = f"http://127.0.0.1:{self.envoy.port}/v1/completions{query}"
+        url = f"http://127.0.0.1:{self.envoy.port}/v1/completions"
 
         async def client(index: int) -> None:
             headers = {"x-workload-context": f'{{"workload_id": "tenant-{index % 4}"}}'}
             while time.monotonic() < deadline:
-                async with self.http.get(url, headers=headers) as reply:
+                async with self.http.post(url, headers=headers, json=completion(5)) as reply:
                     await reply.read()
                     statuses[reply.status] += 1
 
@@ -62,28 +61,21 @@ MakeDemoStack = Callable[..., Awaitable[DemoStack]]
 
 @pytest.fixture
 async def demo_stack(start_service: StartService) -> AsyncIterator[MakeDemoStack]:
-    cleanups: list[Callable[[], Awaitable[None]]] = []
+    async with AsyncExitStack() as cleanups:
 
-    async def make(**settings: object) -> DemoStack:
-        runner = web.AppRunner(make_demo_app(concurrency=SLOTS, tokens=5, duration=0.5))
-        await runner.setup()
-        cleanups.append(runner.cleanup)
-        sock = socket.create_server(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        await web.SockSite(runner, sock).start()
-        if settings.get("capacity") == "metrics":
-            settings["backend_metrics_url"] = [f"http://127.0.0.1:{port}/metrics"]
-        service = await start_service(**settings)
-        envoy = Envoy(bundled_config(service.grpc_port, port))
-        cleanups.append(envoy.stop)
-        await envoy.start()
-        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        cleanups.append(http.close)
-        return DemoStack(service, port, envoy, http)
+        async def make(**settings: object) -> DemoStack:
+            base = await cleanups.enter_async_context(demo_server(SLOTS))
+            if settings.get("capacity") == "metrics":
+                settings["backend_metrics_url"] = [f"{base}/metrics"]
+            service = await start_service(**settings)
+            envoy = Envoy(bundled_config(service.grpc_port, int(base.rsplit(":", 1)[1])))
+            cleanups.push_async_callback(envoy.stop)
+            await envoy.start()
+            http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            cleanups.push_async_callback(http.close)
+            return DemoStack(service, base, envoy, http)
 
-    yield make
-    for cleanup in reversed(cleanups):
-        await cleanup()
+        yield make
 
 
 async def test_metrics_gate_keeps_the_model_servers_queue_at_its_threshold(
@@ -133,8 +125,8 @@ async def test_adaptive_learns_from_first_bytes_that_envoy_sends_on_request(
     assert status.min_latency < 0.25  # first byte, not the 0.5 s response
     assert 2 <= status.limit <= 16
     # The override kept response trailers: a request stays in flight until its last byte.
-    url = f"http://127.0.0.1:{stack.envoy.port}/v1/completions?tokens=4&duration=1.5"
-    async with stack.http.get(url) as reply:
+    url = f"http://127.0.0.1:{stack.envoy.port}/v1/completions"
+    async with stack.http.post(url, json=completion(15)) as reply:
         await reply.content.readline()  # the first event: the response has begun
         assert stack.service.flow.in_flight == 1
         await reply.read()
