@@ -99,10 +99,13 @@ async def test_each_request_is_served_by_the_endpoint_named_in_its_header(
 ) -> None:
     stack = await make_pool_stack(picker="round-robin")
     for index in range(9):
-        status, answer = await stack.complete("a", {"model": "m", "prompt": f"p{index}"})
-        assert status == 200
+        async with stack.post("a", {"model": "m", "prompt": f"p{index}"}) as reply:
+            assert reply.status == 200
+            answer = await reply.json()
+            served_by = reply.headers["x-served-by"]  # Envoy's own word on the upstream
         primary = answer["destination"].split(",")[0]
         assert stack.by_address(primary).name == answer["endpoint"]
+        assert served_by == primary
     assert [len(e.served) for e in stack.endpoints] == [3, 3, 3]
     await eventually(lambda: stack.in_flight() == 0 and stack.active("a") == 0)
 
