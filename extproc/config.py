@@ -214,8 +214,10 @@ class Settings(BaseSettings):
     weight_rate: float = Field(0.2, ge=0, description="workload-aware: weight of the rate penalty")
     wait_saturation: float = Field(60.0, gt=0, description="workload-aware: wait term cap, s")
     rate_saturation: float = Field(100.0, gt=0, description="workload-aware: rate cap, req/s")
-    fair_share_cost: Literal["requests", "occupancy"] = Field(
-        "occupancy", description="fair-share: charge per request, or per slot-second"
+    fair_share_cost: Literal["requests", "occupancy", "tokens"] = Field(
+        "occupancy",
+        description="fair-share: charge per request, per slot-second, or per token (input + "
+        "2 x output; needs full-duplex bodies, else falls back to occupancy)",
     )
     max_body_bytes: int = Field(
         DEFAULT_MAX_BODY_BYTES,

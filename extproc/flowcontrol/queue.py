@@ -75,6 +75,7 @@ from extproc.contracts import (
     Policy,
     QueuedRequest,
     TimerHandle,
+    TokenCount,
 )
 from extproc.outcomes import Outcome
 
@@ -87,6 +88,8 @@ class FlowRequest:
     criticality: int
     pick: PickRequest | None = None
     """What the endpoint picker may use; ignored without an endpoint pool."""
+    tokens: TokenCount | None = None
+    """The request's estimated tokens, for fair-share's `tokens` cost."""
 
 
 class Ticket:
@@ -132,6 +135,13 @@ class Ticket:
         if self._holds_slot and not self._sampled:
             self._sampled = True
             self._controller._first_byte(self)
+
+    def usage(self, tokens: TokenCount | None) -> None:
+        """The response completed and reported `tokens` used (None: it reported none).
+
+        Call at most once, before `close`; ignored unless the request holds a slot."""
+        if self._holds_slot:
+            self._controller._policy.on_usage(self.request, tokens)
 
     def served(self, address: str) -> None:
         """The data plane says `address` served the request: account it there from now on.
@@ -250,7 +260,9 @@ class FlowController:
         now = self._clock.now()
         ticket = Ticket(
             self,
-            QueuedRequest(request.workload_id, request.criticality, now, next(self._seq)),
+            QueuedRequest(
+                request.workload_id, request.criticality, now, next(self._seq), request.tokens
+            ),
             request.pick,
         )
         missing = None if self.pool is None else self.pool.ineligible(request.pick)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -79,12 +79,13 @@ def parse(body: bytes) -> InferenceRequest:
         model=model if isinstance(model, str) else None,
         prompt=_prompt(document),
         stream=document.get("stream") is True,
-        max_tokens=max_tokens if _is_count(max_tokens) else None,
+        max_tokens=max_tokens if is_count(max_tokens) else None,
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
     )
 
 
-def _is_count(value: Any) -> bool:
+def is_count(value: object) -> TypeGuard[int]:
+    """A JSON number of tokens: a non-negative integer (not a bool)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

@@ -140,6 +140,7 @@ class Service:
             overflow_when_full=settings.on_registry_full == "overflow",
             pick_endpoints=settings.endpoints_configured,
             max_body_bytes=settings.max_body_bytes,
+            count_tokens=settings.policy == "fair-share" and settings.fair_share_cost == "tokens",
         )
         self.health = HealthServicer()
         self.token = BearerToken(settings.admin_token)

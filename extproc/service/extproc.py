@@ -85,6 +85,7 @@ from extproc.contracts import Clock, Datastore, PickRequest, RegistryFull
 from extproc.flowcontrol.queue import FlowController, FlowRequest, Ticket
 from extproc.outcomes import Outcome, Rejection, invalid_request, registry_full, rejection_for
 from extproc.pool.body import DEFAULT_MAX_BODY_BYTES, UNKNOWN, BodyBuffer, InferenceRequest
+from extproc.pool.usage import UsageReader, estimate
 from extproc.registry.memory import OVERFLOW_WORKLOAD
 from extproc.service import epp
 from extproc.service.metrics import Metrics
@@ -125,6 +126,7 @@ class _Exchange:
         "started",
         "subset",
         "ticket",
+        "usage",
         "workload",
     )
 
@@ -144,6 +146,8 @@ class _Exchange:
         self.echo_bytes = 0
         self.request_done = False
         """The request's last body chunk (or its trailers) has arrived."""
+        self.usage: UsageReader | None = None
+        """Full-duplex with the `tokens` cost: the response body, read for `usage`."""
 
 
 class _Stream:
@@ -199,6 +203,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         overflow_when_full: bool = True,
         pick_endpoints: bool = False,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        count_tokens: bool = False,
     ) -> None:
         self._datastore = datastore
         self._overflow_when_full = overflow_when_full
@@ -208,6 +213,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         self._metrics = metrics
         self._pick = pick_endpoints
         self._max_body = max_body_bytes
+        self._count_tokens = count_tokens
         self._log = structlog.get_logger("extproc.request")
         self._first_byte = flow.capacity.wants_first_byte
         seconds, fraction = divmod(hold_timeout, 1.0)
@@ -265,7 +271,11 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         if phase.startswith("response"):
             if self._first_byte:
                 ticket.first_byte()
+            if exchange.usage is not None and phase == "response_body":
+                exchange.usage.add(message.response_body.body)
             if _ends_response(message, phase):
+                if self._count_tokens:
+                    ticket.usage(exchange.usage.usage() if exchange.usage else None)
                 self._complete(exchange)
 
     def _admit(self, message: Any, exchange: _Exchange) -> Any:
@@ -342,8 +352,11 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 workload.workload_id,
                 workload.criticality,
                 pick=self._pick_request(request, exchange),
+                tokens=estimate(request) if self._count_tokens else None,
             )
         )
+        if self._count_tokens and exchange.duplex:
+            exchange.usage = UsageReader(self._max_body)
         return None if exchange.ticket.outcome is None else self._answer(exchange)
 
     def _pick_request(self, request: InferenceRequest, exchange: _Exchange) -> PickRequest | None:

@@ -185,3 +185,26 @@ async def test_a_stream_that_ends_while_its_body_is_read_is_counted_out(
     await stream.done_writing()
     await eventually(lambda: active(service, "a") == 0)
     assert service.flow.in_flight == service.flow.queued == 0
+
+
+async def test_tokens_cost_charges_the_estimate_and_corrects_to_the_usage(
+    start_service: StartService, stub_for: Any
+) -> None:
+    service = await start_service(policy="fair-share", fair_share_cost="tokens")
+    policy = service.flow._policy
+    stream = stub_for(service).Process()
+    await stream.write(duplex_headers("a", criticality=1))  # weight 1
+    await stream.write(request_body(b'{"prompt": "' + b"x" * 40 + b'", "max_tokens": 3}', True))
+    assert (await stream.read()).WhichOneof("response") == "request_headers"
+    await stream.read()
+    assert policy.counter("a") == pytest.approx(10 + 2 * 3)  # type: ignore[attr-defined]
+    usage = b'{"usage": {"prompt_tokens": 12, "completion_tokens": 20}}'
+    await stream.write(response_headers(end_of_stream=False))
+    await stream.read()
+    await stream.write(response_body(usage[:9]))
+    await stream.read()
+    await stream.write(response_body(usage[9:], end_of_stream=True))
+    await stream.read()
+    assert policy.counter("a") == pytest.approx(12 + 2 * 20)  # type: ignore[attr-defined]
+    assert policy.cost == "tokens"  # type: ignore[attr-defined]
+    stream.cancel()
