@@ -37,7 +37,9 @@ Per stream, in order:
    response body with end_of_stream, or -- in `finally` -- when the stream
    ends or is cancelled for any reason. Per endpoint, `Ticket.close` (in the
    same place) gives the request back to the endpoint it was accounted to,
-   which `Ticket.served` moves to the endpoint the data plane reports.
+   which `Ticket.served` moves to the endpoint the data plane reports. With
+   fair-share's `tokens` cost, a response that completes first reports its
+   `usage` (read from the echoed response body; None in trailer mode).
 
 Await points and cancellation. Envoy resets the stream when the client goes
 away or the backend resets, and grpc.aio raises `CancelledError` in this
@@ -54,9 +56,9 @@ handler wherever it is suspended; `finally` then completes the request, and
   flow control pushes back on Envoy and the client instead of this process
   buffering without bound (a client going away still arrives as a cancel). A
   stream that ends while held ends the handler. Cancelled there, the hold
-  cancels both pending tasks; a ticket the queue released in that instant
-  is recorded as client-gone (its answer never went out) and `finally` frees
-  its slot.
+  cancels its task on `Ticket.wait` and `finally` cancels the pending read; a
+  ticket the queue released in that instant is recorded as client-gone (its
+  answer never went out) and `finally` frees its slot.
 - `yield`: cancelled at one, `finally` completes the request.
 Nowhere else does this handler await, so no path skips the `finally`.
 """
