@@ -336,9 +336,11 @@ async def compare(redis_url: str) -> int:
             "h_over_g_rps": h.saturation_rps / g.saturation_rps,
             "h_minus_g_p50_ms": h.p50_ms - g.p50_ms,
         }
-    (ROOT / "bench" / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # A partial run (BENCH_ONLY) must not overwrite the full results.
+    stem = f"results-{only}" if only else "results"
+    (ROOT / "bench" / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = render(summary, results)
-    (ROOT / "bench" / "results.md").write_text(table)
+    (ROOT / "bench" / f"{stem}.md").write_text(table)
     print(table)
     return 0
 
