@@ -217,7 +217,8 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         self._max_body = max_body_bytes
         self._count_tokens = count_tokens
         self._log = structlog.get_logger("extproc.request")
-        self._first_byte = flow.capacity.wants_first_byte
+        # Endpoints learn their slots from first bytes, as the latency-driven gates do.
+        self._first_byte = flow.capacity.wants_first_byte or flow.pool is not None
         seconds, fraction = divmod(hold_timeout, 1.0)
         self._hold = pb.ProcessingResponse(
             override_message_timeout=duration_pb2.Duration(
