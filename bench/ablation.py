@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from run import LUA, SECONDS, TICKS, backend_config, proxy_config, wait_for_port, wrk  # noqa: E402
+from processes import wait_for_port  # noqa: E402
+from run import LUA, SECONDS, TICKS, backend_config, proxy_config, wrk  # noqa: E402
 
 from tests.support.envoy import Envoy  # noqa: E402
 from tests.support.process import free_port  # noqa: E402

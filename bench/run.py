@@ -12,12 +12,13 @@ One run, one machine, one Envoy build and the same processing modes:
   (h) the same Envoy + workload-extproc as the endpoint picker of a
       one-endpoint pool (pool mode: body read, endpoint picked, chunks echoed).
 (g) and (h) POST a small OpenAI-style JSON body; the others GET.
-BENCH_ONLY=gh runs only the named setups.
+BENCH_ONLY=gh runs only the named setups (results-gh.json/.md).
 The backend is a second Envoy answering with `direct_response`, so it is never
 the bottleneck. For each: requests/s at saturation (wrk, 64 connections),
 p50/p99 latency at 25% of (b)'s saturation rate (wrk paced per connection), and
 the processors' CPU-seconds per 1,000 requests. Each measurement is repeated
-and the median reported. Writes bench/results.json and bench/results.md.
+and the median reported. Writes bench/results.json and bench/results.md. Then
+the capacity gates' comparison (bench/capacity.py; `run.py capacity` for it alone).
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ import re
 import statistics
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import capacity  # noqa: E402
+from bench.processes import processors  # noqa: E402
 from tests.support.envoy import Envoy, bundled_config, pool_config  # noqa: E402
 from tests.support.process import free_port  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
@@ -128,44 +129,6 @@ def proxy_config(ports: list[int], backend_port: int, with_ext_proc: bool) -> di
     return config
 
 
-@asynccontextmanager
-async def processors(
-    command: list[str] | None, replicas: int
-) -> AsyncIterator[tuple[list[int], list[int]]]:
-    """Start `replicas` processors; yields (ports, pids)."""
-    ports = [free_port() for _ in range(replicas)]
-    if command is None:
-        yield ports, []
-        return
-    started = [
-        await asyncio.create_subprocess_exec(
-            *[c.replace("{address}", f"127.0.0.1:{port}") for c in command],
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        for port in ports
-    ]
-    for port in ports:
-        await wait_for_port(port)
-    try:
-        yield ports, [p.pid for p in started]
-    finally:
-        for process in started:
-            process.terminate()
-            await process.wait()
-
-
-async def wait_for_port(port: int) -> None:
-    for _ in range(300):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
 def cpu_seconds(pids: list[int]) -> float:
     total = 0.0
     for pid in pids:
@@ -251,13 +214,16 @@ def median(runs: list[Measurement]) -> Measurement:
     )
 
 
-async def main() -> int:
-    redis = RedisServer()
-    await redis.start()
-    try:
-        return await compare(redis.url)
-    finally:
-        await redis.close()
+async def main(only: list[str]) -> int:
+    """The proxy comparison, then the capacity gates' (bench/capacity.py); `capacity`: them only."""
+    if only != ["capacity"]:
+        redis = RedisServer()
+        await redis.start()
+        try:
+            await compare(redis.url)
+        finally:
+            await redis.close()
+    return await capacity.main()
 
 
 async def compare(redis_url: str) -> int:
@@ -378,4 +344,4 @@ def render(summary: dict[str, Any], results: dict[str, Measurement]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(asyncio.run(main(sys.argv[1:])))

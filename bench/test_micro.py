@@ -117,8 +117,8 @@ def test_pick_among_100_endpoints_with_prefix_scoring_of_a_32_kib_prompt(benchma
     for address in addresses:
         endpoint = pool.endpoint(address)
         assert endpoint is not None
-        endpoint.end_scrape(0.0, Reading(rng.randrange(3), rng.random() * 0.5, 4.0))
-    clock.advance(0.5)  # fresh, and past `transit`: completions are credited back
+        endpoint.end_scrape(Reading(rng.randrange(3), rng.random() * 0.5, 4.0))
+    clock.advance(0.5)  # still fresh
     for i in range(400):  # shared system prompt, per-tenant tails: the prefix LRUs fill
         tail = f"tenant {i}" * 400
         pool.on_release(pool.pick(PickRequest(prompt=system[: rng.randrange(8 << 10)] + tail))[0])

@@ -27,7 +27,12 @@ from pydantic_settings import (
 
 from extproc.addresses import is_loopback, parse_address, redact_url
 from extproc.capacity.adaptive import AdaptiveOptions
-from extproc.capacity.saturation import KV_CACHE_METRICS, WAITING_METRICS, SaturationOptions
+from extproc.capacity.saturation import (
+    KV_CACHE_METRICS,
+    RUNNING_METRICS,
+    WAITING_METRICS,
+    SaturationOptions,
+)
 from extproc.flowcontrol.fair_share import DEFAULT_WEIGHTS
 from extproc.flowcontrol.policies import POLICIES, PolicyOptions
 from extproc.flowcontrol.policy import ScoreWeights
@@ -132,6 +137,11 @@ class Settings(BaseSettings):
         ",".join(WAITING_METRICS),
         pattern=r"[^,\s]",
         description="metrics: waiting-requests gauge names, first found",
+    )
+    running_metrics: str = Field(
+        ",".join(RUNNING_METRICS),
+        pattern=r"[^,\s]",
+        description="metrics: running-requests gauge names, first found (optional series)",
     )
     kv_cache_metrics: str = Field(
         ",".join(KV_CACHE_METRICS),
@@ -395,6 +405,7 @@ class Settings(BaseSettings):
             kv_cache_threshold=self.kv_cache_threshold,
             stale_after=self.backend_metrics_stale,
             waiting_metrics=_names(self.waiting_metrics),
+            running_metrics=_names(self.running_metrics),
             kv_cache_metrics=_names(self.kv_cache_metrics),
         )
 

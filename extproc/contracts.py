@@ -216,11 +216,16 @@ class EndpointStatus:
     kv_cache_usage: float | None
     """KV-cache utilisation, 0..1, at the last good scrape; None when not exported."""
     saturation: float | None
-    """The endpoint's saturation now, credit included; None when stale."""
+    """The endpoint's saturation now (estimated queue / threshold, or KV-cache use /
+    threshold); None when stale."""
     age: float | None
     """Seconds since the last good scrape; None before the first."""
     errors: int
     last_error: str
+    running: float | None = None
+    """Requests running inside the model server at the last good scrape, when exported."""
+    slots: float | None = None
+    """The gate's estimate of the server's slot count; None before the first scrape."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +258,8 @@ class Capacity(Protocol):
 
     name: str
     wants_first_byte: bool
-    """True when the gate learns from latency, so the response's first byte must be seen."""
+    """True when the gate uses each response's first byte (its latency, or the proof that
+    the server started the request), so the response headers must be seen."""
 
     def bind(self, wake: Callable[[], None]) -> None: ...
 

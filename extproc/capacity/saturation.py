@@ -1,36 +1,76 @@
-"""The `metrics` capacity gate: dispatch while the model servers say they are not saturated.
+"""The `metrics` capacity gate: keep each model server's slots full and its own queue
+at the threshold, learning the slot count from what the server and the responses say.
 
-Algorithm
-- Each endpoint (a model server's Prometheus `/metrics`) is scraped every
-  interval (see `scraper`). A scrape gives `waiting` (requests queued inside
-  the server) and, when exported, `kv` (KV-cache utilisation, 0..1).
-- Credit: a scrape is old news the moment it lands. Requests dispatched since
-  that scrape began will join the server's queue unless a running request
-  finished; so the gate counts `waiting + dispatched - completed` since the
-  scrape, shared evenly over the fresh endpoints, as Envoy spreads requests
-  over them. Requests take a moment (`transit`) to travel between this
-  service and the server, so every uncertainty is settled towards "fuller":
-  dispatches are counted from `transit` before the scrape was sent (they may
-  not have arrived when the server answered), completions only from
-  `transit` after it landed (the server may have counted them already).
-- saturation(endpoint) = max(estimated waiting / waiting threshold,
-  kv / kv threshold); the pool's saturation is its worst fresh endpoint's.
-  A request is dispatched only while the pool's saturation is below 1, and
-  never past `--max-concurrency` when that is set.
-- Staleness: an endpoint whose last good scrape is older than `stale_after`
-  is ignored. When every endpoint is stale the gate is the static limit
-  (`--max-concurrency`): old metrics never halt dispatch, nor open it wide.
+Per endpoint (`ServerLoad`; the endpoint picker keeps one per endpoint too)
+- Signals. A scrape (every interval, see `scraper`) reads the server's waiting
+  W, running R (when exported) and KV-cache use. Between scrapes the service
+  knows, live and exactly, its own requests to that server: I in flight
+  (dispatched, not completed) and B of them started (their first response
+  byte came back, so the server is running them).
+- Slots S, the server's concurrency, learnt from the data (0 before any):
+  a scrape with W = 0 says S >= R, and so, while the latest scrape showed no
+  queue, does a first byte: S >= B. S rises to them at once. A scrape with
+  W > 0 says the server runs all it can, S = R (fewer when KV-cache bound):
+  S falls half-way to R, whole requests at a time (a decaying maximum, so one
+  scrape that caught a request between two scheduler steps costs little).
+  While the server queues, first bytes are not evidence: one request's last
+  byte and the next one's first cross on their way back, and B would count
+  both.
+- Foreign load F, what the server holds that this service did not send (other
+  replicas, direct traffic): at each scrape F = max(0, W + R - I), with I at
+  its highest while the scrape was out (so F is never overstated by our own
+  dispatches). Without a running series R is taken to be I - W, and F = 0.
+- The rule: the server's estimated queue is I + F - S; it may take
+  room = ceil(threshold + S - I - F) more (none below 0), and none while its
+  KV-cache use is at or above its threshold. A completion frees room at once
+  (I drops) and a first byte may raise S at once: scrapes set S and F but do
+  not pace dispatch.
 
-Guarantee (one endpoint, its counts exact, every request through this gate):
-the server's true waiting count never exceeds the threshold. With R running of
-S slots at the scrape, the true count after d dispatches and c completions is
-max(0, W + R + d - c - S) <= W + d - c, the estimate; a dispatch happens only
-while the estimate is below the threshold.
+Guarantees (one endpoint, requests only through this service, exact counts)
+- Bounded queue: with S <= the true slot count, the server's queue
+  max(0, I + F - S_true) <= I + F - S <= threshold at every dispatch.
+- Work-conserving: while requests wait here the server holds S + threshold
+  of them, so every slot is busy once S >= S_true - threshold; below that the
+  threshold's extra requests start, their first bytes (or the next scrape's R)
+  raise S by up to the threshold, one first-byte time (or one interval) at a
+  time, so the gap closes in ceil((S_true - S) / threshold) rounds.
+
+Failure modes
+- S above the truth (the server lost capacity, e.g. KV-cache pressure): the
+  queue may reach threshold + (S - S_true) until a scrape shows W > 0; then
+  the excess halves every scrape.
+- First byte only at the end (a non-streaming server behind a buffering
+  proxy): B rises only with R at scrapes, so S ramps by up to the threshold
+  per interval, as the old gate did at all times; steady state is unaffected.
+- A request released without a first byte (reset before headers) leaves B
+  one too low until B next reaches 0: S learns more slowly, never too high.
+- Foreign load is seen only by scrapes: other replicas dispatching in the
+  same interval can each fill the same free slots (replicas x threshold).
+- I counts a request from dispatch until Envoy sees its last byte, not only
+  while the server holds it: in transit it errs towards fuller.
+
+Pool (`MetricsCapacity`): Envoy spreads requests over the endpoints and the
+service does not learn which went where, so every endpoint is charged an
+equal share of each event; a request is dispatched while every fresh endpoint
+has room (the worst endpoint's saturation, max(estimated queue / threshold,
+kv / kv threshold), is below 1), never past `--max-concurrency` when set. An
+endpoint whose last good scrape is older than `stale_after` is ignored; when
+every endpoint is, the static limit (`--max-concurrency`) rules: old metrics
+never halt dispatch, nor open it wide.
+
+Measured on the simulator (docs/capacity_report.py; the same grid, shorter,
+in tests/capacity/test_saturation.py): 4 and 64 slots, mean service times
+50 ms-10 s, scrapes every 50 ms-1 s, arrivals at 1.5x capacity: every slot
+busy and the server's queue at the threshold, never above, in each of the 18
+combinations. The previous rule (every dispatch since the scrape counted as
+waiting) kept the slots 1-28% busy whenever service times were short against
+the interval. End to end (bench/capacity.py, 4 slots, 200 ms): the throughput
+of a static limit with 1.9 requests queued in the server instead of 33.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -41,8 +81,10 @@ from extproc.capacity.static import Gate, StaticCapacity
 from extproc.contracts import CapacityStatus, Clock, EndpointStatus
 
 WAITING_METRICS = ("vllm:num_requests_waiting",)
-KV_CACHE_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 RUNNING_METRICS = ("vllm:num_requests_running",)
+KV_CACHE_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+_EPSILON = 1e-9
+"""Shares of 1/N summed back up are not exact; room this small is none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +95,8 @@ class SaturationOptions:
     """Seconds after which an endpoint's last good scrape no longer counts."""
     waiting_metrics: tuple[str, ...] = WAITING_METRICS
     """Accepted names of the waiting-requests gauge, first found wins (old and new vLLM)."""
-    kv_cache_metrics: tuple[str, ...] = KV_CACHE_METRICS
     running_metrics: tuple[str, ...] = RUNNING_METRICS
-    """Requests running in the server: shown per endpoint, not part of saturation."""
-    credit: bool = True
-    """Count dispatches since the last scrape. Off only to show what it prevents."""
-    transit: float = 0.1
-    """Seconds a request or a completion may take between this service and the server."""
+    kv_cache_metrics: tuple[str, ...] = KV_CACHE_METRICS
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +111,8 @@ class MetricsError(ValueError):
 
 
 def parse_reading(text: str, options: SaturationOptions) -> Reading:
-    """The waiting count and KV-cache use in a Prometheus text page, summed over series."""
-    wanted = (*options.waiting_metrics, *options.kv_cache_metrics, *options.running_metrics)
+    """Waiting and running (summed over series) and KV-cache use in a Prometheus text page."""
+    wanted = (*options.waiting_metrics, *options.running_metrics, *options.kv_cache_metrics)
     # A model server's page is mostly histograms; parse only the lines we read.
     lines = [line for line in text.splitlines() if line.startswith(wanted)]
     values: dict[str, list[float]] = {}
@@ -104,33 +141,126 @@ def _first(
     return None
 
 
-class _Endpoint:
+class ServerLoad:
+    """One model server, as this service sees it: how many more requests it can take now.
+
+    In: `begin_read` when a scrape is sent and `read` with its answer (or `fail`);
+    `dispatched`, `started` (first response byte) and `completed` for each
+    request sent to it, each with the share of the request charged here (1 when
+    the caller knows the request went to this server). Out: `room()`, the
+    requests it can take before its queue passes the threshold (0 when stale
+    or saturated), `saturation()` and `fresh()`. The rule is the module's.
+    """
+
     __slots__ = (
-        "completed_mark",
-        "dispatched_mark",
+        "_clock",
+        "_options",
+        "_peak_in_flight",
         "errors",
-        "failing",
+        "foreign",
+        "in_flight",
         "last_error",
-        "pending_mark",
         "read_at",
         "reading",
-        "url",
+        "slots",
+        "started_in_flight",
     )
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+    def __init__(self, clock: Clock, options: SaturationOptions) -> None:
+        self._clock = clock
+        self._options = options
         self.reading: Reading | None = None
         self.read_at: float | None = None
-        self.pending_mark = 0
-        self.dispatched_mark = 0
-        self.completed_mark = 0
+        self.in_flight = 0.0
+        self.started_in_flight = 0.0
+        self.slots = 0.0
+        """The learnt slot count S."""
+        self.foreign = 0.0
+        self._peak_in_flight: float | None = None
+        """The most in flight since the pending scrape was sent; None: no scrape out."""
         self.errors = 0
         self.last_error = ""
-        self.failing = False
+
+    def begin_read(self) -> None:
+        self._peak_in_flight = self.in_flight
+
+    def read(self, reading: Reading) -> None:
+        ours = self.in_flight if self._peak_in_flight is None else self._peak_in_flight
+        self._peak_in_flight = None
+        running = reading.running
+        if running is None:
+            running = max(0.0, ours - reading.waiting)
+        if reading.waiting > 0:
+            excess = max(0.0, self.slots - running)
+            self.slots = running + math.floor(excess / 2)
+        else:
+            self.slots = max(self.slots, running)
+        self.foreign = max(0.0, reading.waiting + running - ours)
+        self.reading = reading
+        self.read_at = self._clock.now()
+
+    def fail(self, error: str) -> None:
+        self._peak_in_flight = None
+        self.errors += 1
+        self.last_error = error
+
+    def dispatched(self, share: float = 1.0) -> None:
+        self.in_flight += share
+        if self._peak_in_flight is not None:
+            self._peak_in_flight = max(self._peak_in_flight, self.in_flight)
+
+    def started(self, share: float = 1.0) -> bool:
+        """Count a first byte; True when it raised the slot estimate (room may have grown)."""
+        self.started_in_flight = min(self.started_in_flight + share, self.in_flight)
+        queueing = self.reading is not None and self.reading.waiting > 0
+        if not queueing and self.started_in_flight > self.slots + _EPSILON:
+            self.slots = self.started_in_flight
+            return True
+        return False
+
+    def completed(self, share: float = 1.0) -> None:
+        self.in_flight = max(0.0, self.in_flight - share)
+        # Most requests end after their first byte; one that did not makes B low, not high.
+        self.started_in_flight = max(0.0, self.started_in_flight - share)
+
+    def fresh(self) -> bool:
+        return self.read_at is not None and (
+            self.read_at >= self._clock.now() - self._options.stale_after
+        )
+
+    def queue(self) -> float:
+        """The server's estimated queue: requests held beyond its slots."""
+        return max(0.0, self.in_flight + self.foreign - self.slots)
+
+    def headroom(self) -> float:
+        """Requests it can take before its queue passes the threshold; <= 0: none."""
+        reading = self.reading
+        if reading is None:
+            return 0.0
+        kv = reading.kv_cache_usage
+        if kv is not None and kv >= self._options.kv_cache_threshold:
+            return 0.0
+        return self._options.waiting_threshold + self.slots - self.in_flight - self.foreign
+
+    def room(self) -> int:
+        """Whole requests it can take now: 0 when stale or saturated."""
+        if not self.fresh():
+            return 0
+        return max(0, math.ceil(self.headroom() - _EPSILON))
+
+    def saturation(self) -> float:
+        """max(queue / threshold, kv / kv threshold): dispatch only below 1."""
+        options = self._options
+        saturation = self.queue() / options.waiting_threshold
+        kv = self.reading.kv_cache_usage if self.reading is not None else None
+        if kv is not None:
+            saturation = max(saturation, kv / options.kv_cache_threshold)
+        return saturation
 
 
 class MetricsCapacity(Gate):
     name = "metrics"
+    wants_first_byte = True
 
     def __init__(
         self,
@@ -142,87 +272,81 @@ class MetricsCapacity(Gate):
         super().__init__()
         if not urls:
             raise ValueError("the metrics gate needs at least one endpoint")
-        self._endpoints = {url: _Endpoint(url) for url in urls}
+        self.options = options or SaturationOptions()
+        self._servers = {url: ServerLoad(clock, self.options) for url in urls}
+        self._share = 1.0 / len(urls)
         self._clock = clock
         self._fallback = fallback
-        self.options = options or SaturationOptions()
-        self._dispatched = 0
-        self._completed = 0
-        self._recent_dispatches: deque[float] = deque()
-        """Times of the dispatches of the last `transit` seconds."""
+        self._failing: set[str] = set()
         self._was_fallback = False
         self._log = structlog.get_logger("extproc.capacity.static")
 
     @property
     def urls(self) -> list[str]:
-        return list(self._endpoints)
+        return list(self._servers)
+
+    def server(self, url: str) -> ServerLoad:
+        return self._servers[url]
 
     def begin_scrape(self, url: str) -> None:
-        self._forget_dispatches_before(self._clock.now() - self.options.transit)
-        self._endpoints[url].pending_mark = self._dispatched - len(self._recent_dispatches)
+        self._servers[url].begin_read()
 
     def end_scrape(self, url: str, reading: Reading) -> None:
-        endpoint = self._endpoints[url]
-        endpoint.reading = reading
-        endpoint.read_at = self._clock.now()
-        endpoint.dispatched_mark = endpoint.pending_mark
-        endpoint.completed_mark = self._completed
-        if endpoint.failing:
-            endpoint.failing = False
+        self._servers[url].read(reading)
+        if url in self._failing:
+            self._failing.discard(url)
             self._log.info("backend metrics recovered", endpoint=url)
         self._wake()
 
     def fail_scrape(self, url: str, error: str) -> None:
-        endpoint = self._endpoints[url]
-        endpoint.errors += 1
-        endpoint.last_error = error
-        if not endpoint.failing:
-            endpoint.failing = True
+        self._servers[url].fail(error)
+        if url not in self._failing:
+            self._failing.add(url)
             self._log.warning("backend metrics scrape failed", endpoint=url, error=error)
         # Going stale may hand control to the static limit, which may have room.
         self._wake()
 
     def has_room(self, in_flight: int) -> bool:
-        saturation = self._saturation()
-        if saturation is None:
+        fresh = self._fresh()
+        if not fresh:
             return self._fallback.has_room(in_flight)
         ceiling = self._fallback.limit
-        return saturation < 1.0 and (ceiling == 0 or in_flight < ceiling)
+        if ceiling and in_flight >= ceiling:
+            return False
+        return all(server.headroom() > _EPSILON for server in fresh)
 
     def on_dispatch(self) -> None:
-        self._dispatched += 1
-        now = self._clock.now()
-        self._recent_dispatches.append(now)
-        self._forget_dispatches_before(now - self.options.transit)
+        for server in self._servers.values():
+            server.dispatched(self._share)
+
+    def on_latency(self, seconds: float, dispatched_at: float) -> None:
+        grew = False
+        for server in self._servers.values():
+            grew = server.started(self._share) or grew
+        if grew:
+            self._wake()
 
     def on_release(self) -> None:
-        self._completed += 1
-        landed_after = self._clock.now() - self.options.transit
-        for endpoint in self._endpoints.values():
-            if endpoint.read_at is not None and endpoint.read_at > landed_after:
-                endpoint.completed_mark += 1  # maybe in its reading already: not credited
-
-    def _forget_dispatches_before(self, horizon: float) -> None:
-        recent = self._recent_dispatches
-        while recent and recent[0] < horizon:
-            recent.popleft()
+        for server in self._servers.values():
+            server.completed(self._share)
 
     def status(self) -> CapacityStatus:
-        now = self._clock.now()
-        fresh = self._fresh(now)
         endpoints = tuple(
             EndpointStatus(
-                url=e.url,
-                waiting=e.reading.waiting if e.reading else None,
-                kv_cache_usage=e.reading.kv_cache_usage if e.reading else None,
-                saturation=self._endpoint_saturation(e, len(fresh)) if e in fresh else None,
-                age=None if e.read_at is None else now - e.read_at,
-                errors=e.errors,
-                last_error=e.last_error,
+                url=url,
+                waiting=s.reading.waiting if s.reading else None,
+                kv_cache_usage=s.reading.kv_cache_usage if s.reading else None,
+                saturation=s.saturation() if s.fresh() else None,
+                age=None if s.read_at is None else self._clock.now() - s.read_at,
+                errors=s.errors,
+                last_error=s.last_error,
+                running=s.reading.running if s.reading else None,
+                slots=s.slots if s.reading else None,
             )
-            for e in self._endpoints.values()
+            for url, s in self._servers.items()
         )
-        saturation = self._saturation()
+        fresh = self._fresh()
+        saturation = max(s.saturation() for s in fresh) if fresh else None
         return CapacityStatus(
             self.name,
             self._fallback.limit,
@@ -231,43 +355,14 @@ class MetricsCapacity(Gate):
             endpoints=endpoints,
         )
 
-    def _fresh(self, now: float) -> list[_Endpoint]:
-        horizon = now - self.options.stale_after
-        return [
-            e for e in self._endpoints.values() if e.read_at is not None and e.read_at >= horizon
-        ]
-
-    def _saturation(self) -> float | None:
-        fresh = self._fresh(self._clock.now())
-        if not fresh:
-            if not self._was_fallback:
-                self._was_fallback = True
-                self._log.warning(
-                    "no fresh backend metrics: static limit in force", limit=self._fallback.limit
-                )
-            return None
-        if self._was_fallback:
+    def _fresh(self) -> list[ServerLoad]:
+        fresh = [s for s in self._servers.values() if s.fresh()]
+        if not fresh and not self._was_fallback:
+            self._was_fallback = True
+            self._log.warning(
+                "no fresh backend metrics: static limit in force", limit=self._fallback.limit
+            )
+        elif fresh and self._was_fallback:
             self._was_fallback = False
             self._log.info("backend metrics fresh again: saturation gate in force")
-        return max(self._endpoint_saturation(e, len(fresh)) for e in fresh)
-
-    def _endpoint_saturation(self, endpoint: _Endpoint, sharing: int) -> float:
-        reading = endpoint.reading
-        assert reading is not None
-        waiting = reading.waiting
-        if self.options.credit:
-            credit = (self._dispatched - endpoint.dispatched_mark) - (
-                self._completed - endpoint.completed_mark
-            )
-            waiting = max(0.0, waiting + credit / sharing)
-        return saturation_of(waiting, reading.kv_cache_usage, self.options)
-
-
-def saturation_of(
-    waiting: float, kv_cache_usage: float | None, options: SaturationOptions
-) -> float:
-    """One endpoint's saturation: max(waiting / threshold, KV-cache use / threshold)."""
-    saturation = waiting / options.waiting_threshold
-    if kv_cache_usage is not None:
-        saturation = max(saturation, kv_cache_usage / options.kv_cache_threshold)
-    return saturation
+        return fresh

@@ -47,7 +47,8 @@ Endpoints (when the controller has a `contracts.EndpointPool`)
   order is exactly the policy's. With them, the policy's order holds among
   the requests that can be placed at each instant; a skipped head goes first
   the moment one of its endpoints has room, ahead of any request it ranks
-  before. Cost: O(log W) per decision plus O(log W) per skipped workload.
+  before. Cost: O(log W) per decision plus O(log W) per skipped workload;
+  while no endpoint at all has room, one O(endpoints) check and no walk.
 - A request with no eligible endpoint (empty subset, none of its endpoints
   ready, none ready at all) is answered REJECTED_NO_ENDPOINT at enqueue, and
   queued ones when the pool's membership changes so that none is left.
@@ -153,6 +154,7 @@ class Ticket:
             assert pool is not None
             if pool.move(current, address):
                 self._endpoint = address
+                self._controller.wake()  # the endpoint it left has room for another
 
     async def wait(self) -> Outcome:
         """The outcome, once decided. Cancelling the caller abandons the ticket."""
@@ -431,6 +433,9 @@ class FlowController:
 
     def _pick_placeable(self) -> Ticket | None:
         """The policy's first flow head that some allowed endpoint has room for."""
+        assert self.pool is not None
+        if not self.pool.has_room(None):
+            return None  # no endpoint has room, so no subset has: skip the walk
         if not self._policy.stable_keys:
             heads = [next(iter(flow.values())) for flow in self._flows.values()]
             placeable = [head for head in heads if self._placeable(head)]

@@ -2,8 +2,8 @@
 
 `pool.EndpointPool` holds the endpoints found by discovery (`discovery`:
 static, DNS, a Kubernetes InferencePool), each with its scraped load and
-credit (`endpoints`) and its remembered prompt prefixes (`prefix`); a picker
-(`picker`: round robin, least loaded, or the weighted `scorers`) ranks them.
+its own requests there (`endpoints`) and its remembered prompt prefixes
+(`prefix`); a picker (`picker`: round robin, least loaded, or the weighted `scorers`) ranks them.
 The flow controller decides when a request goes and asks the pool where.
 """
 

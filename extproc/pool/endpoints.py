@@ -1,14 +1,14 @@
 """One model server of the pool: what its metrics said, and what we sent it since.
 
-Algorithm (per endpoint; the metrics gate's saturation rule, applied to one server)
-- A scrape gives `waiting`, `running` and, when exported, KV-cache use.
-- Credit: requests dispatched here since the scrape will join its queue
-  unless a running one finished, so the estimated queue depth is
-  waiting + dispatched - completed since the scrape, floored at 0. Every
-  uncertainty is settled towards "fuller": dispatches count from `transit`
-  before the scrape was sent, completions only from `transit` after it landed.
-- saturation = `capacity.saturation.saturation_of(queue depth, KV use)`; room
-  while saturation < 1 and in flight < the per-endpoint ceiling (when set).
+Algorithm: the metrics gate's per-server rule (`capacity.saturation.ServerLoad`,
+work-conserving), one per endpoint and charged whole requests, because here
+the service knows where each request went:
+- a scrape gives waiting W, running R and KV-cache use; the service counts its
+  own requests there live (in flight I, started B); the server's slot count S
+  is learnt from scrapes and first bytes, foreign load F from scrapes;
+- the estimated queue is I + F - S; room while it is below the waiting
+  threshold and KV-cache use below its threshold, and in flight below the
+  per-endpoint ceiling (`--endpoint-max-in-flight`) when set.
 - Stale (no good scrape for `stale_after`): the readings are unknown, not
   alarming. The endpoint counts as its in-flight requests (queue depth) and
   has room below the ceiling (always, without one): stale never halts.
@@ -19,11 +19,11 @@ Algorithm (per endpoint; the metrics gate's saturation rule, applied to one serv
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from extproc.capacity.saturation import Reading, SaturationOptions, saturation_of
+from extproc.capacity.saturation import Reading, SaturationOptions, ServerLoad
+from extproc.contracts import Clock
 from extproc.pool.prefix import PrefixCache
 
 
@@ -55,7 +55,7 @@ class EndpointSnapshot:
     running: float | None
     kv_cache_usage: float | None
     queue_depth: float
-    """waiting + credit when fresh, in flight when stale."""
+    """The estimated queue when fresh (in flight + foreign - slots), in flight when stale."""
     saturation: float | None
     """None when stale."""
     scrape_age: float | None
@@ -68,159 +68,112 @@ class EndpointSnapshot:
 
 class Endpoint:
     __slots__ = (
-        "_completed",
-        "_completed_mark",
-        "_dispatched",
-        "_dispatched_mark",
         "_load",
         "_load_until",
-        "_pending_mark",
-        "_recent",
         "address",
         "discovered_ready",
-        "errors",
         "failing",
-        "in_flight",
-        "last_error",
         "options",
         "picked",
         "prefix",
         "prefix_hits",
-        "read_at",
-        "reading",
+        "server",
         "unreachable_since",
     )
 
-    def __init__(self, address: str, options: EndpointOptions) -> None:
+    def __init__(self, address: str, options: EndpointOptions, clock: Clock) -> None:
         self.address = address
         self.options = options
+        self.server = ServerLoad(clock, options.saturation)
         self.discovered_ready = True
         """What discovery says (a Pod's Ready condition); static endpoints are always ready."""
         self.unreachable_since: float | None = None
         """When scrapes began failing to connect; None while they connect."""
-        self.in_flight = 0
+        self.failing = False
         self.picked = 0
         self.prefix_hits = 0
-        self.reading: Reading | None = None
-        self.read_at: float | None = None
-        self.errors = 0
-        self.last_error = ""
-        self.failing = False
         self.prefix = PrefixCache(options.prefix_capacity)
-        self._dispatched = 0
-        self._completed = 0
-        self._pending_mark = 0
-        self._dispatched_mark = 0
-        self._completed_mark = 0
-        self._recent: deque[float] = deque()
-        """Times of this endpoint's dispatches of the last `transit` seconds."""
         self._load: Load | None = None
         """`load` as last computed; valid until `_load_until` or the next change of state."""
         self._load_until = 0.0
+
+    @property
+    def in_flight(self) -> int:
+        return round(self.server.in_flight)
 
     def ready(self, now: float) -> bool:
         since = self.unreachable_since
         dead = since is not None and now - since >= self.options.saturation.stale_after
         return self.discovered_ready and not dead
 
-    def fresh(self, now: float) -> bool:
-        read_at = self.read_at
-        return read_at is not None and now - read_at <= self.options.saturation.stale_after
-
     def load(self, now: float) -> Load:
         """Queue depth, KV-cache use and room in one pass (the pick's hot path)."""
         if self._load is not None and now <= self._load_until:
             return self._load
-        load = self._load = self._compute_load(now)
-        read_at = self.read_at
+        load = self._load = self._compute_load()
+        read_at = self.server.read_at
         stale_after = self.options.saturation.stale_after
         fresh_until = read_at + stale_after if read_at is not None else 0.0
         # Readings go stale at one instant; until then only a change of state moves the load.
         self._load_until = fresh_until if now <= fresh_until else float("inf")
         return load
 
-    def _compute_load(self, now: float) -> Load:
-        reading, read_at = self.reading, self.read_at
-        ceiling = self.options.max_in_flight
+    def _compute_load(self) -> Load:
+        server, ceiling = self.server, self.options.max_in_flight
         full = bool(ceiling) and self.in_flight >= ceiling
-        saturation = self.options.saturation
-        if reading is None or read_at is None or now - read_at > saturation.stale_after:
+        if not server.fresh():
             return Load(float(self.in_flight), None, not full)
-        credit = (self._dispatched - self._dispatched_mark) - (
-            self._completed - self._completed_mark
-        )
-        depth = max(0.0, reading.waiting + credit)
-        kv = reading.kv_cache_usage
-        room = not full and saturation_of(depth, kv, saturation) < 1.0
-        return Load(depth, kv, room)
+        reading = server.reading
+        kv = reading.kv_cache_usage if reading is not None else None
+        return Load(server.queue(), kv, not full and server.room() > 0)
 
     def queue_depth(self, now: float) -> float:
         """The requests waiting inside the server, as best known now."""
-        reading = self.reading
-        if reading is None or not self.fresh(now):
-            return float(self.in_flight)
-        credit = (self._dispatched - self._dispatched_mark) - (
-            self._completed - self._completed_mark
-        )
-        return max(0.0, reading.waiting + credit)
-
-    def saturation(self, now: float) -> float | None:
-        reading = self.reading
-        if reading is None or not self.fresh(now):
-            return None
-        return saturation_of(self.queue_depth(now), reading.kv_cache_usage, self.options.saturation)
+        return self.load(now).queue_depth
 
     def has_room(self, now: float) -> bool:
         return self.load(now).room
 
-    def on_dispatch(self, now: float) -> None:
+    def saturation(self) -> float | None:
+        return self.server.saturation() if self.server.fresh() else None
+
+    def on_dispatch(self) -> None:
         self._load = None
-        self.in_flight += 1
-        self._dispatched += 1
-        self._recent.append(now)
-        self._forget_before(now - self.options.saturation.transit)
+        self.server.dispatched()
 
-    def on_release(self, now: float) -> None:
+    def on_first_byte(self) -> bool:
+        """The server started one of our requests; True when that showed it has more slots."""
         self._load = None
-        self.in_flight -= 1
-        self._completed += 1
-        read_at = self.read_at
-        if read_at is not None and read_at > now - self.options.saturation.transit:
-            self._completed_mark += 1  # maybe in its reading already: not credited
+        return self.server.started()
 
-    def begin_scrape(self, now: float) -> None:
-        self._forget_before(now - self.options.saturation.transit)
-        self._pending_mark = self._dispatched - len(self._recent)
+    def on_release(self) -> None:
+        self._load = None
+        self.server.completed()
 
-    def end_scrape(self, now: float, reading: Reading) -> bool:
+    def begin_scrape(self) -> None:
+        self.server.begin_read()
+
+    def end_scrape(self, reading: Reading) -> bool:
         """Record a good scrape; True when it ends a run of failures."""
         recovered, self.failing = self.failing, False
         self._load = None
-        self.reading = reading
-        self.read_at = now
         self.unreachable_since = None
-        self._dispatched_mark = self._pending_mark
-        self._completed_mark = self._completed
+        self.server.read(reading)
         return recovered
 
     def fail_scrape(self, now: float, error: str, *, unreachable: bool) -> bool:
         """Record a failed scrape; True when it begins a run of failures."""
         began, self.failing = not self.failing, True
-        self.errors += 1
-        self.last_error = error
+        self.server.fail(error)
         if not unreachable:
             self.unreachable_since = None
         elif self.unreachable_since is None:
             self.unreachable_since = now
         return began
 
-    def _forget_before(self, horizon: float) -> None:
-        recent = self._recent
-        while recent and recent[0] < horizon:
-            recent.popleft()
-
     def snapshot(self, now: float) -> EndpointSnapshot:
-        reading = self.reading
+        server = self.server
+        reading, read_at = server.reading, server.read_at
         return EndpointSnapshot(
             address=self.address,
             ready=self.ready(now),
@@ -229,10 +182,10 @@ class Endpoint:
             running=reading.running if reading else None,
             kv_cache_usage=reading.kv_cache_usage if reading else None,
             queue_depth=self.queue_depth(now),
-            saturation=self.saturation(now),
-            scrape_age=None if self.read_at is None else now - self.read_at,
+            saturation=self.saturation(),
+            scrape_age=None if read_at is None else now - read_at,
             picked=self.picked,
             prefix_hits=self.prefix_hits,
-            scrape_errors=self.errors,
-            last_error=self.last_error,
+            scrape_errors=server.errors,
+            last_error=server.last_error,
         )

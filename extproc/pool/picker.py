@@ -1,11 +1,11 @@
 """Pickers: rank the ready endpoints a request may use; the pool takes the best with room.
 
 - `round-robin`: the endpoint after the last one picked, in address order;
-- `least-loaded`: the shortest estimated queue (waiting + credit, or in flight);
+- `least-loaded`: the shortest estimated queue (or in flight, when stale);
 - `scored`: the weighted sum of the scorers (`scorers`), GIE's default profile.
-Every picker returns one number per endpoint, higher better; the pool breaks
-ties at random (an injectable RNG), takes the best endpoint with room as the
-primary and the next two as fallbacks for the data plane's retries.
+Every picker returns one number per endpoint, higher better; the pool takes
+the best endpoint with room as the primary (ties broken at random, by an
+injectable RNG) and the next two as fallbacks for the data plane's retries.
 """
 
 from __future__ import annotations
@@ -71,15 +71,12 @@ class ScoredPicker:
         self, endpoints: Sequence[Endpoint], loads: Sequence[Load], hashes: tuple[int, ...]
     ) -> list[float]:
         w = self.weights
-        total = [0.0] * len(endpoints)
-        for weight, scores in (
-            (w.queue, queue_scores(loads) if w.queue else ()),
-            (w.kv_cache, kv_cache_scores(loads) if w.kv_cache else ()),
-            (w.prefix, prefix_scores(endpoints, hashes) if w.prefix else ()),
-        ):
-            for i, score in enumerate(scores):
-                total[i] += weight * score
-        return total
+        zeros = [0.0] * len(endpoints)
+        queue = queue_scores(loads) if w.queue else zeros
+        kv = kv_cache_scores(loads) if w.kv_cache else zeros
+        prefix = prefix_scores(endpoints, hashes) if w.prefix else zeros
+        wq, wk, wp = w.queue, w.kv_cache, w.prefix
+        return [wq * q + wk * k + wp * p for q, k, p in zip(queue, kv, prefix, strict=True)]
 
     def picked(self, endpoint: Endpoint) -> None:
         pass

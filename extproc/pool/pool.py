@@ -20,12 +20,14 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from extproc.contracts import Clock, PickRequest
+from extproc.contracts import Clock, PickRequest, TimerHandle
 from extproc.pool.endpoints import Endpoint, EndpointOptions, EndpointSnapshot
 from extproc.pool.picker import Picker
 from extproc.pool.prefix import BLOCK_CHARS, MAX_BLOCKS, block_hashes
 
 FALLBACKS = 2
+STALE_MARGIN = 1e-6
+"""A reading is fresh up to and including `stale_after`; the wake comes just past it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,7 @@ class EndpointPool:
         self._wake: Callable[[], None] = _nothing
         self._changed: Callable[[], None] = _nothing
         self._listeners: list[Callable[[], None]] = []
+        self._stale_timers: dict[str, TimerHandle] = {}
 
     # -- membership -------------------------------------------------------
 
@@ -75,7 +78,7 @@ class EndpointPool:
         for address, ready in listed.items():
             endpoint = self._endpoints.get(address)
             if endpoint is None:
-                endpoint = self._endpoints[address] = Endpoint(address, self.options)
+                endpoint = self._endpoints[address] = Endpoint(address, self.options, self._clock)
             endpoint.discovered_ready = ready
         for address, endpoint in list(self._endpoints.items()):
             if address not in listed:
@@ -105,8 +108,18 @@ class EndpointPool:
         """An endpoint's readiness changed outside `update` (its scrapes stopped connecting)."""
         self._changed()
 
-    def room_changed(self) -> None:
-        """Some endpoint may have room it lacked (a new scrape)."""
+    def wake(self) -> None:
+        """Some endpoint may have room it lacked."""
+        self._wake()
+
+    def scraped(self, endpoint: Endpoint) -> None:
+        """A scrape of `endpoint` landed: it may have room now, and will when it goes stale."""
+        timer = self._stale_timers.pop(endpoint.address, None)
+        if timer is not None:
+            timer.cancel()
+        # Stale means "count in flight only", which may open room: wake at that instant.
+        after = self.options.saturation.stale_after + STALE_MARGIN
+        self._stale_timers[endpoint.address] = self._clock.call_later(after, self._wake)
         self._wake()
 
     # -- contracts.EndpointPool -------------------------------------------
@@ -138,45 +151,44 @@ class EndpointPool:
         hashes = block_hashes(prompt, self._block_chars, self._max_blocks) if prompt else ()
         loads = [endpoint.load(now) for endpoint in candidates]
         scores = self.picker.scores(candidates, loads, hashes)
-        best = max(score for score, load in zip(scores, loads, strict=True) if load.room)
-        tied = [i for i, score in enumerate(scores) if score == best and loads[i].room]
+        roomy = [i for i, load in enumerate(loads) if load.room]
+        best = max([scores[i] for i in roomy])
+        tied = [i for i in roomy if scores[i] == best]
         chosen = tied[0] if len(tied) == 1 else self._rng.choice(tied)
         primary = candidates[chosen]
-        # Fallbacks: the next best, ties at random too, room or not (they are retries).
-        rng = self._rng.random
-        others = heapq.nlargest(
-            FALLBACKS, ((s, rng(), i) for i, s in enumerate(scores) if i != chosen)
-        )
-        fallbacks = [candidates[i].address for _, _, i in others]
+        # Fallbacks: the next best, room or not (they are retries); ties in address order.
+        ranked = heapq.nlargest(FALLBACKS + 1, range(len(scores)), key=scores.__getitem__)
+        fallbacks = [candidates[i].address for i in ranked if i != chosen][:FALLBACKS]
         self.picker.picked(primary)
         primary.picked += 1
         if hashes:
             if primary.prefix.matched(hashes):
                 primary.prefix_hits += 1
             primary.prefix.record(hashes)
-        primary.on_dispatch(now)
+        primary.on_dispatch()
         return (primary.address, *fallbacks)
 
     def move(self, old: str, new: str) -> bool:
         target = self._endpoints.get(new)
         if target is None:
             return False
-        now = self._clock.now()
-        self._release(old, now)
-        target.on_dispatch(now)
+        self._release(old)
+        target.on_dispatch()
         return True
 
     def on_first_byte(self, address: str, seconds: float) -> None:
-        pass  # the per-endpoint gate learns from scrapes, not latency
+        endpoint = self._endpoints.get(address)
+        if endpoint is not None and endpoint.on_first_byte():
+            self._wake()  # more slots than it knew: room without a completion
 
     def on_release(self, address: str) -> None:
-        self._release(address, self._clock.now())
+        self._release(address)
 
-    def _release(self, address: str, now: float) -> None:
+    def _release(self, address: str) -> None:
         endpoint = self._endpoints.get(address)
         if endpoint is None:
             return
-        endpoint.on_release(now)
+        endpoint.on_release()
         if endpoint.in_flight == 0 and not any(address in s for s in self._sources.values()):
             del self._endpoints[address]
 

@@ -21,6 +21,7 @@ salted `hash`, so they are private to this process -- as the LRUs are.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 
 BLOCK_CHARS = 64
 MAX_BLOCKS = 256
@@ -39,6 +40,30 @@ def block_hashes(
             for start in range(0, end, block_chars)
         ]
     )
+
+
+def matched_each(caches: Iterable[PrefixCache], hashes: tuple[int, ...]) -> list[int]:
+    """`cache.matched(hashes)` for each cache: the pick's hot loop, inlined."""
+    if not hashes:
+        return [0 for _ in caches]
+    first, last, count = hashes[0], hashes[-1], len(hashes)
+    matches = []
+    for cache in caches:
+        blocks = cache._blocks
+        if first not in blocks:
+            matches.append(0)  # most endpoints: one lookup settles it
+        elif last in blocks:
+            matches.append(count)
+        else:  # hashes[:low] remembered, hashes[high:] not
+            low, high = 1, count - 1
+            while low < high:
+                middle = (low + high + 1) >> 1
+                if hashes[middle - 1] in blocks:
+                    low = middle
+                else:
+                    high = middle - 1
+            matches.append(low)
+    return matches
 
 
 class PrefixCache:
@@ -60,17 +85,7 @@ class PrefixCache:
 
     def matched(self, hashes: tuple[int, ...]) -> int:
         """How many leading blocks of `hashes` are remembered here."""
-        blocks = self._blocks
-        low, high = 0, len(hashes)
-        if hashes and hashes[-1] in blocks:
-            return high  # the whole prompt seen here before: the common repeat
-        while low < high:  # invariant: hashes[:low] remembered, hashes[high:] not
-            middle = (low + high + 1) // 2
-            if hashes[middle - 1] in blocks:
-                low = middle
-            else:
-                high = middle - 1
-        return low
+        return matched_each((self,), hashes)[0]
 
     def record(self, hashes: tuple[int, ...]) -> None:
         """Remember a prompt routed here; its first blocks become the most recent."""

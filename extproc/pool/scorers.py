@@ -1,7 +1,7 @@
 """The scored picker's scorers, each mapping the candidate endpoints to 0..1 (1 = best).
 
 As GIE's default scheduling profile, weighted queue 2, KV-cache 2, prefix 3:
-- queue: the estimated queue depth (waiting + credit since the scrape; in
+- queue: the estimated queue (`endpoints`: in flight + foreign - slots; in
   flight when stale), min-max normalised over the candidates -- the
   shortest queue scores 1, the longest 0, all equal all 1;
 - kv-cache: 1 - KV-cache use; unknown (stale, not exported) scores 0.5, so
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from extproc.pool.endpoints import Endpoint, Load
+from extproc.pool.prefix import matched_each
 
 UNKNOWN_KV_SCORE = 0.5
 
@@ -61,13 +62,11 @@ def queue_scores(loads: Sequence[Load]) -> list[float]:
 
 
 def kv_cache_scores(loads: Sequence[Load]) -> list[float]:
-    return [UNKNOWN_KV_SCORE if kv is None else max(0.0, 1.0 - kv) for _, kv, _ in loads]
+    return [UNKNOWN_KV_SCORE if kv is None else 1.0 - kv if kv < 1.0 else 0.0 for _, kv, _ in loads]
 
 
 def prefix_scores(endpoints: Sequence[Endpoint], hashes: tuple[int, ...]) -> list[float]:
     if not hashes:
         return [0.0] * len(endpoints)
     total = len(hashes)
-    first = hashes[0]
-    # Most endpoints hold not even the first block: one lookup settles them.
-    return [e.prefix.matched(hashes) / total if first in e.prefix else 0.0 for e in endpoints]
+    return [m / total for m in matched_each((e.prefix for e in endpoints), hashes)]

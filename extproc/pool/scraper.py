@@ -33,7 +33,9 @@ class EndpointScraper:
         pool.on_update(self.sync)
 
     async def start(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=max(self._interval, 0.05))
+        stale_after = self._pool.options.saturation.stale_after
+        # A slow answer is still news, as long as it is not stale on arrival.
+        timeout = aiohttp.ClientTimeout(total=max(stale_after, 0.05))
         self._session = aiohttp.ClientSession(timeout=timeout)
         # One round before serving, so the first picks meet real readings.
         await asyncio.gather(*(self.scrape(a) for a in self._pool.addresses))
@@ -73,7 +75,7 @@ class EndpointScraper:
         if session is None or endpoint is None:
             return
         url = f"http://{address}{self._path}"  # "ip:port" or "[ipv6]:port", as listed
-        endpoint.begin_scrape(self._clock.now())
+        endpoint.begin_scrape()
         was_ready = endpoint.ready(self._clock.now())
         try:
             reading = await read_metrics(session, url, endpoint.options.saturation)
@@ -83,10 +85,12 @@ class EndpointScraper:
             if endpoint.fail_scrape(self._clock.now(), text, unreachable=unreachable):
                 self._log.warning("endpoint scrape failed", endpoint=address, error=text)
         else:
-            if endpoint.end_scrape(self._clock.now(), reading):
+            if endpoint.end_scrape(reading):
                 self._log.info("endpoint scrape recovered", endpoint=address)
         if endpoint.ready(self._clock.now()) != was_ready:
             self._log.info("endpoint readiness", endpoint=address, ready=not was_ready)
             self._pool.membership_changed()
+        if endpoint.failing:
+            self._pool.wake()  # going stale may open room (in flight counts alone)
         else:
-            self._pool.room_changed()
+            self._pool.scraped(endpoint)

@@ -46,6 +46,7 @@ from extproc.fleet.sync import FleetOptions, FleetSync, LeasedCapacity
 from extproc.flowcontrol.policies import make_policy
 from extproc.flowcontrol.queue import FlowController
 from extproc.pool.discovery import DnsDiscovery, add_static
+from extproc.pool.kubernetes import InferencePoolWatch
 from extproc.pool.picker import make_picker
 from extproc.pool.pool import EndpointPool
 from extproc.pool.scorers import ScorerWeights
@@ -303,6 +304,8 @@ def _pool_tasks(settings: Settings, pool: EndpointPool, clock: Clock) -> list[_L
     tasks: list[_Lifecycle] = [
         DnsDiscovery(pool, name, settings.endpoints_dns_interval) for name in settings.endpoints_dns
     ]
+    if settings.inference_pool:
+        tasks.append(InferencePoolWatch(pool, settings.inference_pool))
     tasks.append(
         EndpointScraper(
             pool, clock, settings.endpoint_scrape_interval, settings.endpoint_metrics_path

@@ -10,9 +10,9 @@ At scrape time (read from the queue and the registry, no request-path cost):
   limit in force, whichever `--capacity` set it), extproc_tracked_workloads;
   the capacity gate's extproc_capacity_saturation and _fallback (metrics),
   extproc_capacity_latency_seconds and _min_latency_seconds (adaptive), and per
-  model-server endpoint extproc_backend_waiting_requests,
-  extproc_backend_kv_cache_usage, extproc_backend_scrape_age_seconds,
-  extproc_backend_scrape_errors_total; with the Redis registry
+  model-server endpoint extproc_backend_waiting_requests, _running_requests,
+  extproc_backend_slots (the gate's estimate), extproc_backend_kv_cache_usage,
+  extproc_backend_scrape_age_seconds, extproc_backend_scrape_errors_total; with the Redis registry
   extproc_fleet_connected, _replicas, _sync_errors_total, _sync_age_seconds;
   with endpoint picking, per endpoint{endpoint="ip:port"} extproc_endpoint_ready,
   _in_flight_requests, _waiting_requests, _running_requests, _queue_depth,
@@ -153,7 +153,7 @@ class _PoolCollector(Collector):
         ("in_flight_requests", "in_flight", "Requests picked for the endpoint, not completed."),
         ("waiting_requests", "waiting", "Requests waiting in the server at the last scrape."),
         ("running_requests", "running", "Requests running in the server at the last scrape."),
-        ("queue_depth", "queue_depth", "Waiting + sent since the scrape; in flight if stale."),
+        ("queue_depth", "queue_depth", "Estimated queue in the server; in flight if stale."),
         ("kv_cache_usage", "kv_cache_usage", "KV-cache use, 0..1, at the last scrape."),
         ("saturation", "saturation", "Saturation now, credit included; absent when stale."),
         ("scrape_age_seconds", "scrape_age", "Seconds since the last good scrape."),
@@ -238,6 +238,8 @@ def _endpoints(status: CapacityStatus) -> Iterable[Metric]:
         return GaugeMetricFamily(name, documentation, labels=["endpoint"])
 
     waiting = family("extproc_backend_waiting_requests", "Waiting in the server, last scrape.")
+    running = family("extproc_backend_running_requests", "Running in the server, last scrape.")
+    slots = family("extproc_backend_slots", "The gate's estimate of the server's slot count.")
     kv = family("extproc_backend_kv_cache_usage", "KV-cache utilisation, last scrape.")
     age = family("extproc_backend_scrape_age_seconds", "Time since the last good scrape.")
     errors = CounterMetricFamily(
@@ -246,11 +248,12 @@ def _endpoints(status: CapacityStatus) -> Iterable[Metric]:
     for endpoint in status.endpoints:
         label = [endpoint.url]
         errors.add_metric(label, endpoint.errors)
-        for target, value in ((waiting, endpoint.waiting), (kv, endpoint.kv_cache_usage),
+        for target, value in ((waiting, endpoint.waiting), (running, endpoint.running),
+                              (slots, endpoint.slots), (kv, endpoint.kv_cache_usage),
                               (age, endpoint.age)):  # fmt: skip
             if value is not None:
                 target.add_metric(label, value)
-    return [waiting, kv, age, errors]
+    return [waiting, running, slots, kv, age, errors]
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -200,7 +200,7 @@ def run(scenario: PoolScenario, picker: str, jobs: Sequence[_Job] | None = None)
     pool = EndpointPool(
         clock,
         make_picker(picker, ScorerWeights.parse(scenario.scorers)),
-        EndpointOptions(SaturationOptions(transit=0.0)),
+        EndpointOptions(SaturationOptions()),
         rng=random.Random(scenario.seed),
     )
     pool.update("sim", dict.fromkeys(servers, True))
@@ -235,9 +235,9 @@ def run(scenario: PoolScenario, picker: str, jobs: Sequence[_Job] | None = None)
         for address, server in servers.items():
             endpoint = pool.endpoint(address)
             assert endpoint is not None
-            endpoint.begin_scrape(now)
-            endpoint.end_scrape(now, server.reading())
-        pool.room_changed()
+            endpoint.begin_scrape()
+            endpoint.end_scrape(server.reading())
+            pool.scraped(endpoint)
         if now < scenario.duration or flow.queued or flow.in_flight:
             clock.call_later(scenario.scrape_interval, scrape)
 

@@ -1,6 +1,6 @@
 """The capacity gates in front of a model server whose knee the service does not know,
-on a virtual clock: `adaptive` finds it, `metrics` keeps the server's own queue under
-its threshold thanks to credit, and stale metrics fall back to the static limit."""
+on a virtual clock: `adaptive` finds it, `metrics` keeps the server full and its own
+queue at its threshold, and stale metrics fall back to the static limit."""
 
 from __future__ import annotations
 
@@ -77,37 +77,27 @@ def test_adaptive_never_exceeds_its_ceiling() -> None:
     assert max(harness.trace.backend_running) <= 8
 
 
-def metrics_gate(clock: VirtualClock, *, credit: bool, fallback: int = 0) -> MetricsCapacity:
-    options = SaturationOptions(waiting_threshold=4, stale_after=0.5, credit=credit)
+def metrics_gate(clock: VirtualClock, *, fallback: int = 0) -> MetricsCapacity:
+    options = SaturationOptions(waiting_threshold=4, stale_after=0.5)
     return MetricsCapacity(["sim"], clock, StaticCapacity(fallback), options)
 
 
-def metrics_flood(gate: MetricsCapacity, clock: VirtualClock, until: float = 120.0) -> Harness:
-    harness = flood(gate, clock, until=until)
-    for at in range(10, int(until), 20):
-        harness.burst(60, at=float(at))  # bursts land between two scrapes
-    harness.scrape_every(gate, interval=0.1, delay=0.04, until=until)
-    return harness
-
-
-def test_metrics_with_credit_keeps_the_backends_queue_under_the_threshold() -> None:
+def test_metrics_keeps_the_server_full_and_its_queue_at_the_threshold_through_bursts() -> None:
     clock = VirtualClock()
-    harness = metrics_flood(metrics_gate(clock, credit=True), clock)
+    gate = metrics_gate(clock)
+    harness = flood(gate, clock, until=120.0)
+    for at in range(10, 120, 20):
+        harness.burst(60, at=float(at))  # bursts land between two scrapes
+    harness.scrape_every(gate, interval=0.1, delay=0.04, until=120.0)
     clock.advance(120.0)
     assert harness.server.max_waiting <= 4
-    assert statistics.mean(settled(harness.trace.backend_running, 20)) >= 0.95 * KNEE
-
-
-def test_metrics_without_credit_overshoots_between_two_scrapes() -> None:
-    clock = VirtualClock()
-    harness = metrics_flood(metrics_gate(clock, credit=False), clock)
-    clock.advance(120.0)
-    assert harness.server.max_waiting >= 40
+    assert min(settled(harness.trace.backend_running, 20)) == KNEE
+    assert gate.status().endpoints[0].slots == KNEE
 
 
 def test_stale_metrics_fall_back_to_the_static_limit_instead_of_halting() -> None:
     clock = VirtualClock()
-    gate = metrics_gate(clock, credit=True, fallback=6)
+    gate = metrics_gate(clock, fallback=6)
     harness = flood(gate, clock, until=60.0)
     harness.scrape_every(gate, interval=0.1, delay=0.04, until=20.0)  # then the scrapes stop
     clock.advance(20.0)
@@ -119,26 +109,6 @@ def test_stale_metrics_fall_back_to_the_static_limit_instead_of_halting() -> Non
     assert status.saturation is None
     assert harness.trace.dispatched - dispatched_before >= 0.9 * 40 * 6 / SERVICE
     assert max(settled(harness.trace.backend_running, 25)) <= 6
-
-
-def test_credit_errs_towards_full_around_each_scrape() -> None:
-    clock = VirtualClock()
-    options = SaturationOptions(waiting_threshold=4, transit=0.1)
-    gate = MetricsCapacity(["a"], clock, StaticCapacity(0), options)
-    gate.on_dispatch()  # may still be on its way when the server is read: credited
-    clock.advance(0.05)
-    gate.begin_scrape("a")
-    clock.advance(0.01)
-    gate.end_scrape("a", Reading(waiting=2, kv_cache_usage=0.1))
-    clock.advance(0.04)
-    gate.on_release()  # so soon after the reading that it may be in it: not credited
-    assert gate.status().saturation == pytest.approx(3 / 4)
-    clock.advance(0.2)
-    gate.on_dispatch()
-    assert gate.has_room(0) is False  # estimated 4 waiting: saturated
-    gate.on_release()
-    assert gate.status().saturation == pytest.approx(3 / 4)
-    assert gate.has_room(0) is True
 
 
 def test_saturation_is_the_worst_of_waiting_and_kv_cache_over_fresh_endpoints() -> None:

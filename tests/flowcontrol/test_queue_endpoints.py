@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
 from extproc.clock import VirtualClock
 from extproc.contracts import PickRequest
 from extproc.flowcontrol.fair_share import FairSharePolicy
 from extproc.flowcontrol.policy import FcfsPolicy
-from extproc.flowcontrol.queue import FlowController, FlowRequest
+from extproc.flowcontrol.queue import FlowController, FlowRequest, Ticket
 from extproc.outcomes import Outcome, rejection_for
 from tests.pool.support import feed, make_pool
 
@@ -151,3 +155,64 @@ def test_queued_requests_get_503_when_their_endpoints_go_away() -> None:
     assert (flow.in_flight, flow.queued) == (0, 0)
     assert pool.addresses == []
     assert pool.endpoint(E1) is None
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "fair-share"])
+@pytest.mark.parametrize("seed", range(6))
+def test_release_rule_invariants_under_random_operations(policy: str, seed: int) -> None:
+    """Random arrivals (subset hints included), completions, served reports, scrapes,
+    readiness flips and timeouts; after every step: no queued head could be placed,
+    each endpoint's count is its requests, the ceiling holds, every ticket ends once."""
+    rng = random.Random(seed)
+    clock = VirtualClock()
+    addresses = [E1, E2, E3]
+    pool = make_pool(clock, addresses, max_in_flight=2, seed=seed)
+    made = FairSharePolicy() if policy == "fair-share" else FcfsPolicy()
+    flow = FlowController(made, clock, pool=pool, max_queue=50, queue_timeout=5.0)
+    tickets: list[Ticket] = []
+    ready = dict.fromkeys(addresses, True)
+
+    def check() -> None:
+        for queued in flow._flows.values():
+            head = next(iter(queued.values()))
+            assert not pool.has_room(head.pick), "a head that could go is held"
+        live = [t for t in tickets if t._holds_slot]
+        assert flow.in_flight == len(live)
+        for address in addresses:
+            endpoint = pool.endpoint(address)
+            mine = sum(t._endpoint == address for t in live)
+            assert (endpoint.in_flight if endpoint else 0) == mine
+        assert all(t.outcome is None or t.outcome in Outcome for t in tickets)
+
+    for _ in range(400):
+        action = rng.random()
+        if action < 0.45:
+            subset = None
+            if rng.random() < 0.5:
+                subset = frozenset(rng.sample(addresses, rng.randint(0, 2)))
+            pick = PickRequest(prompt="p" * rng.randint(0, 300), subset=subset)
+            tickets.append(flow.enqueue(FlowRequest(rng.choice("abc"), 3, pick)))
+        elif action < 0.7:
+            live = [t for t in tickets if t._holds_slot]
+            if live:
+                rng.choice(live).close()
+        elif action < 0.75:
+            live = [t for t in tickets if t._holds_slot]
+            if live:
+                rng.choice(live).served(rng.choice([*addresses, "10.9.9.9:1"]))
+        elif action < 0.85:
+            feed(pool, clock, rng.choice(addresses), waiting=rng.choice([0, 0, 2, 6]))
+        elif action < 0.9:
+            address = rng.choice(addresses)
+            ready[address] = not ready[address]
+            pool.update("static", ready)
+        else:
+            clock.advance(rng.uniform(0.1, 2.0))
+        check()
+    for ticket in tickets:
+        ticket.close()
+    check()
+    assert (flow.in_flight, flow.queued) == (0, 0)
+    decided = [t.outcome for t in tickets]
+    assert None not in decided
+    assert Outcome.REJECTED_NO_ENDPOINT in decided

@@ -23,7 +23,7 @@ def make_pool(
     stale_after: float = 1.0,
 ) -> EndpointPool:
     options = EndpointOptions(
-        saturation=SaturationOptions(stale_after=stale_after, transit=0.0),
+        saturation=SaturationOptions(stale_after=stale_after),
         max_in_flight=max_in_flight,
     )
     pool = EndpointPool(
@@ -48,6 +48,6 @@ def feed(
     """A scrape of `address` that said this, now."""
     endpoint = pool.endpoint(address)
     assert endpoint is not None
-    endpoint.begin_scrape(clock.now())
-    endpoint.end_scrape(clock.now(), Reading(waiting, kv, running))
-    pool.room_changed()
+    endpoint.begin_scrape()
+    endpoint.end_scrape(Reading(waiting, kv, running))
+    pool.scraped(endpoint)

@@ -4,7 +4,9 @@ controller and a capacity gate in front of it.
 The server has `slots` requests running at once; the rest wait in its own
 FIFO, where no fairness applies. A running request sends its first byte
 `ttft` seconds after it starts and finishes after its service time. Its
-metrics page is vLLM's, as of the instant it is read.
+metrics page is vLLM's (waiting and running), as of the instant it is read.
+It integrates its running and waiting counts over time, exactly, for
+utilisation and mean-queue figures.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
-from extproc.capacity.saturation import MetricsCapacity, Reading
+from extproc.capacity.saturation import Reading
 from extproc.clock import VirtualClock
 from extproc.contracts import Capacity
 from extproc.flowcontrol.policies import make_policy
@@ -26,6 +29,15 @@ from extproc.registry.memory import InMemoryWorkloadRegistry
 Job = tuple[Callable[[], None], Callable[[], None], float]
 
 
+@runtime_checkable
+class Scraped(Protocol):
+    """A gate fed by scrapes (`MetricsCapacity`, or an older version of it to compare)."""
+
+    def begin_scrape(self, url: str) -> None: ...
+
+    def end_scrape(self, url: str, reading: Reading) -> None: ...
+
+
 class SimModelServer:
     def __init__(self, clock: VirtualClock, slots: int, ttft: float) -> None:
         self.clock = clock
@@ -34,15 +46,42 @@ class SimModelServer:
         self.running = 0
         self.waiting: deque[Job] = deque()
         self.max_waiting = 0
+        self.busy_area = 0.0
+        """Integral of `running` over time, since `reset_areas`."""
+        self.waiting_area = 0.0
+        self._area_since = clock.now()
+        self._areas_from = clock.now()
+
+    def reset_areas(self) -> None:
+        """Start the integrals afresh (after a warm-up)."""
+        self._integrate()
+        self.busy_area = self.waiting_area = 0.0
+        self._areas_from = self.clock.now()
+
+    def utilisation(self) -> float:
+        """Mean fraction of slots busy since `reset_areas`."""
+        self._integrate()
+        return self.busy_area / (self.slots * (self.clock.now() - self._areas_from))
+
+    def mean_waiting(self) -> float:
+        self._integrate()
+        return self.waiting_area / (self.clock.now() - self._areas_from)
+
+    def _integrate(self) -> None:
+        now = self.clock.now()
+        self.busy_area += self.running * (now - self._area_since)
+        self.waiting_area += len(self.waiting) * (now - self._area_since)
+        self._area_since = now
 
     def submit(
         self, first_byte: Callable[[], None], done: Callable[[], None], service: float
     ) -> None:
+        self._integrate()
         self.waiting.append((first_byte, done, service))
         self.max_waiting = max(self.max_waiting, self._start_next())
 
     def reading(self) -> Reading:
-        return Reading(waiting=len(self.waiting), kv_cache_usage=None)
+        return Reading(waiting=len(self.waiting), kv_cache_usage=None, running=self.running)
 
     def _start_next(self) -> int:
         while self.waiting and self.running < self.slots:
@@ -53,6 +92,7 @@ class SimModelServer:
         return len(self.waiting)
 
     def _finish(self, done: Callable[[], None]) -> None:
+        self._integrate()
         self.running -= 1
         done()
         self._start_next()
@@ -73,11 +113,19 @@ class Harness:
     """Poisson arrivals -> the real FlowController (fcfs) with `capacity` -> the model server."""
 
     def __init__(
-        self, clock: VirtualClock, server: SimModelServer, capacity: Capacity, service: float
+        self,
+        clock: VirtualClock,
+        server: SimModelServer,
+        capacity: Capacity,
+        service: float,
+        *,
+        first_bytes: bool = True,
     ) -> None:
         self.clock = clock
         self.server = server
         self.service = service
+        self.first_bytes = first_bytes
+        """False: the service never sees a first byte before the end (a buffered answer)."""
         self.rng = random.Random(7)
         self.trace = Trace()
         registry = InMemoryWorkloadRegistry(clock)
@@ -110,9 +158,7 @@ class Harness:
 
         self.clock.call_later(seconds, sample)
 
-    def scrape_every(
-        self, gate: MetricsCapacity, interval: float, delay: float, until: float
-    ) -> None:
+    def scrape_every(self, gate: Scraped, interval: float, delay: float, until: float) -> None:
         """Scrape the server as `scraper.Scraper` does: the reading is taken half-way
         through a scrape that takes `delay` seconds."""
 
@@ -133,4 +179,55 @@ class Harness:
         if ticket.outcome is Outcome.DISPATCHED:
             self.trace.dispatched += 1
             service = self.rng.expovariate(1.0 / self.service)
-            self.server.submit(ticket.first_byte, ticket.close, service)
+            first_byte = ticket.first_byte if self.first_bytes else lambda: None
+            self.server.submit(first_byte, ticket.close, service)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A server of `slots` flooded at `overload` x its capacity for `duration` service times."""
+
+    slots: int
+    service: float
+    """Mean service time, s (exponential); the first byte comes after a tenth of it."""
+    interval: float
+    """Seconds between scrapes."""
+    threshold: float
+    overload: float = 1.5
+    first_bytes: bool = True
+    """False: no first byte reaches the gate (a non-streaming server)."""
+    duration: float = 300.0
+    warm_up: float = 0.1
+    """The fraction of the run left out of the figures."""
+
+
+@dataclass(frozen=True)
+class Result:
+    utilisation: float
+    mean_waiting: float
+    """Mean requests waiting inside the server, over time."""
+    max_waiting: int
+    dispatched: int
+
+
+GateFactory = Callable[[VirtualClock, Scenario], Capacity]
+
+
+def run_scenario(scenario: Scenario, make_gate: GateFactory) -> Result:
+    """Flood the simulated server through `make_gate`'s gate; scrape it if the gate scrapes."""
+    clock = VirtualClock()
+    until = scenario.duration * scenario.service
+    server = SimModelServer(clock, scenario.slots, ttft=min(0.05, scenario.service / 10))
+    gate = make_gate(clock, scenario)
+    harness = Harness(clock, server, gate, scenario.service, first_bytes=scenario.first_bytes)
+    harness.arrivals(scenario.overload * scenario.slots / scenario.service, until)
+    if isinstance(gate, Scraped):
+        delay = min(0.01, scenario.interval / 5)
+        harness.scrape_every(gate, scenario.interval, delay, until)
+    clock.advance(scenario.warm_up * until)
+    server.reset_areas()
+    server.max_waiting = 0
+    clock.advance((1 - scenario.warm_up) * until)
+    return Result(
+        server.utilisation(), server.mean_waiting(), server.max_waiting, harness.trace.dispatched
+    )
