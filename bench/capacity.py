@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.processes import processors  # noqa: E402
-from tests.support.demo_stack import flood  # noqa: E402
+from tests.support.demo_stack import TOKENS, flood  # noqa: E402
 from tests.support.envoy import Envoy, bundled_config  # noqa: E402
 
 SECONDS = float(os.environ.get("BENCH_CAPACITY_SECONDS", "10"))
@@ -59,7 +59,8 @@ async def run_gate(name: str, flags: list[str]) -> GateRun:
     python = sys.executable
     backend = [
         python, "-m", "extproc", "demo-backend", "--listen", "{address}",
-        "--concurrency", str(SLOTS), "--tokens", "5", "--duration", str(DURATION),
+        "--concurrency", str(SLOTS), "--prefix-cache-blocks", "0",
+        "--first-token", str(DURATION / TOKENS), "--inter-token", str(DURATION / TOKENS),
     ]  # fmt: skip
     async with processors(backend, 1) as ([backend_port], _):
         metrics = f"http://127.0.0.1:{backend_port}/metrics"

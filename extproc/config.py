@@ -39,6 +39,7 @@ from extproc.flowcontrol.policy import ScoreWeights
 from extproc.pool.body import DEFAULT_MAX_BODY_BYTES
 from extproc.pool.endpoints import EndpointOptions
 from extproc.pool.scorers import ScorerWeights
+from extproc.workloads import WorkloadsFileError, WorkloadTable
 
 ENV_PREFIX = "EXTPROC_"
 
@@ -98,6 +99,8 @@ def public_view(settings: Settings) -> dict[str, object]:
         elif name == "registry":
             shown = redact_url(str(value))
         view[name.replace("_", "-")] = shown
+    if settings.workloads is not None:
+        view["workloads-table"] = WorkloadTable.read(settings.workloads).as_json()
     return view
 
 
@@ -212,6 +215,25 @@ class Settings(BaseSettings):
         "default", description="requests with no workload header: use --default-workload, or 400"
     )
     default_workload: str = Field("default", min_length=1, max_length=128)
+    workload_header: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$",
+        description="take the workload id from this header, set by the gateway after "
+        "authentication; x-workload-context then only contributes a criticality",
+    )
+    workloads: Path | None = Field(
+        None, description="YAML table of workloads: weights, criticality bounds, caps, access"
+    )
+    workloads_reload_interval: float = Field(
+        1.0, gt=0, le=60, description="check the --workloads file for edits this often, s"
+    )
+    shed_below: int = Field(
+        0,
+        ge=0,
+        le=6,
+        description="while the backend is saturated, answer criticality below this 429 at "
+        "once instead of queueing; 0 = never",
+    )
     max_workloads: int = Field(100_000, ge=1, description="workloads tracked at once")
     workload_idle_ttl: float = Field(300.0, gt=0, description="forget a workload idle this long, s")
     on_registry_full: Literal["reject", "overflow"] = Field(
@@ -346,6 +368,16 @@ class Settings(BaseSettings):
     def _readable(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"no such file: {value}")
+        return value
+
+    @field_validator("workloads")
+    @classmethod
+    def _workloads_table(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                WorkloadTable.read(value)
+            except WorkloadsFileError as error:
+                raise ValueError(str(error)) from None
         return value
 
     @model_validator(mode="after")

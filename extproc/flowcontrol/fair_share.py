@@ -3,8 +3,9 @@
 Algorithm
 - Every workload w keeps a virtual counter c_w: the service it has received,
   each unit divided by the weight of the request that received it. A
-  request's weight comes from its criticality (default: weight = criticality,
-  so a criticality-5 request costs a fifth of a criticality-1 one).
+  request's weight is its workload's `weight` in --workloads when it has one,
+  else it comes from its criticality (default: weight = criticality, so a
+  criticality-5 request costs a fifth of a criticality-1 one).
 - Order: the queued request whose workload has the smallest counter goes
   first; within a workload, higher criticality, then arrival order.
 - Charging, cost `requests`: c_w += 1/weight at dispatch.
@@ -47,7 +48,7 @@ Concurrency: called only by the flow controller, on its event loop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import structlog
@@ -67,12 +68,16 @@ class FairSharePolicy(KeyedPolicy):
     stable_keys = True  # a counter moves only in the hooks about its workload
 
     def __init__(
-        self, cost: Cost = "occupancy", criticality_weights: Sequence[float] = DEFAULT_WEIGHTS
+        self,
+        cost: Cost = "occupancy",
+        criticality_weights: Sequence[float] = DEFAULT_WEIGHTS,
+        workload_weight: Callable[[str], float | None] | None = None,
     ) -> None:
         if len(criticality_weights) != len(DEFAULT_WEIGHTS) or min(criticality_weights) <= 0:
             raise ValueError("criticality weights: five positive numbers, for criticality 1..5")
         self.cost = cost
         self._weights = tuple(criticality_weights)
+        self._workload_weight = workload_weight or (lambda _workload_id: None)
         self._counters: dict[str, float] = {}
         self._queued: dict[str, int] = {}
         self._in_flight: dict[str, int] = {}
@@ -163,7 +168,7 @@ class FairSharePolicy(KeyedPolicy):
         return min(self._virtual_time, backlogged)
 
     def _weight(self, item: QueuedRequest) -> float:
-        return self._weights[item.criticality - 1]
+        return self._workload_weight(item.workload_id) or self._weights[item.criticality - 1]
 
     def _estimate(self, workload: str) -> float:
         # Nothing measured yet: charge nothing and let completion bill the truth.

@@ -13,15 +13,21 @@ Algorithm
   - for policies whose keys move with time (workload-aware), every head is
     keyed afresh at every decision: O(F), exact.
   Either way no order is ever read from keys stored at enqueue time.
+  A workload at its `max_in_flight` (`admission.WorkloadLimits`) is out of
+  the running until one of its requests completes.
 - Capacity is a gate (`contracts.Capacity`) consulted before every release:
   a fixed limit C on requests in flight (released, not yet completed), or one
   that follows the backend (`saturation`, `adaptive`). A request is released
   the moment it is enqueued if the gate has room, each completion releases
   the next one synchronously, and a gate whose room grows by itself wakes the
-  controller: no polling tick, no idle gap. Invariant: the queue is non-empty
-  only while the gate says no.
-- Limits: at most `max_queue` requests wait (beyond that: queue-full), each
-  for at most `queue_timeout` seconds (then: queue-timeout, via a clock timer).
+  controller: no polling tick, no idle gap. Invariant: the queue holds a
+  request only while the gate says no or its workload is at its in-flight cap.
+- Limits, checked at the door in this order: the gate says no and the
+  criticality is below `shed_below` (shed); the workload already has its
+  `max_queued` waiting (workload-limit); `max_queue` requests wait, and
+  `admission.QueueShares` picks who gives way (queue-full, for the arrival or
+  the heaviest workload's newest request). Each request waits at most
+  `queue_timeout` seconds (then: queue-timeout, via a clock timer).
 
 Guarantees
 - Every ticket ends in exactly one `Outcome`, and a slot is taken only by a
@@ -78,6 +84,7 @@ from extproc.contracts import (
     TimerHandle,
     TokenCount,
 )
+from extproc.flowcontrol.admission import NO_LIMITS, QueueShares, WorkloadLimits
 from extproc.outcomes import Outcome
 
 FlowKey = tuple[str, int]
@@ -208,6 +215,8 @@ class FlowController:
         pool: EndpointPool | None = None,
         on_decided: Callable[[Ticket], None] | None = None,
         on_pick: Callable[[float], None] | None = None,
+        limits: Callable[[str], WorkloadLimits] | None = None,
+        shed_below: int = 0,
     ) -> None:
         if max_concurrency < 0 or max_queue < 0:
             raise ValueError("max_concurrency and max_queue must be >= 0")
@@ -227,6 +236,9 @@ class FlowController:
         """Observer called synchronously the moment each ticket's outcome is decided."""
         self.on_pick = on_pick
         """Observer of the seconds each dispatch decision took (wall clock, not `clock`)."""
+        self._limits = limits or (lambda _workload_id: NO_LIMITS)
+        self.shed_below = shed_below
+        """While the gate says no, refuse criticalities below this at once (shed)."""
         self._flows: dict[FlowKey, OrderedDict[int, Ticket]] = {}
         self._criticalities: dict[str, set[int]] = {}
         """The criticalities of each workload's non-empty flows."""
@@ -234,9 +246,11 @@ class FlowController:
         self._versions: dict[str, int] = {}
         """The version of each backlogged workload's one live heap entry."""
         self._version = itertools.count()
-        self._queued_by_workload: dict[str, int] = {}
+        self._shares = QueueShares(lambda workload_id: self._limits(workload_id).weight or 1.0)
         self._queued = 0
         self._in_flight = 0
+        self._running: dict[str, int] = {}
+        """Requests in flight, by workload (for `max_in_flight`)."""
         self._seq = itertools.count()
         self._accepting = True
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
@@ -255,7 +269,10 @@ class FlowController:
         return self._queued
 
     def queued_for(self, workload_id: str) -> int:
-        return self._queued_by_workload.get(workload_id, 0)
+        return self._shares.count(workload_id)
+
+    def in_flight_for(self, workload_id: str) -> int:
+        return self._running.get(workload_id, 0)
 
     def enqueue(self, request: FlowRequest) -> Ticket:
         """Admit a request; its ticket is decided at once when a slot is free or the queue full."""
@@ -267,21 +284,50 @@ class FlowController:
             ),
             request.pick,
         )
+        workload_id = request.workload_id
+        limits = self._limits(workload_id)
+        room = self._has_free_slot()
         missing = None if self.pool is None else self.pool.ineligible(request.pick)
         if not self._accepting:
             ticket._decide(Outcome.REJECTED_SHUTDOWN, now)
         elif missing is not None:
             ticket.detail = missing
             ticket._decide(Outcome.REJECTED_NO_ENDPOINT, now)
-        elif self._has_free_slot() and self._placeable(ticket):
+        elif room and self._under_cap(workload_id, limits) and self._placeable(ticket):
             self._policy.on_enqueue(ticket.request)
             self._take_slot(ticket, now)
-        elif self._queued >= self.max_queue:
+        elif not room and request.criticality < self.shed_below:
+            ticket._decide(Outcome.REJECTED_SHED, now)
+        elif limits.max_queued is not None and self.queued_for(workload_id) >= limits.max_queued:
+            ticket._decide(Outcome.REJECTED_WORKLOAD_LIMIT, now)
+        elif self._queued >= self.max_queue and not self._make_room(workload_id):
             ticket._decide(Outcome.REJECTED_QUEUE_FULL, now)
         else:
             self._policy.on_enqueue(ticket.request)
             self._push(ticket)
         return ticket
+
+    def _make_room(self, workload_id: str) -> bool:
+        """Push out the newest request of the workload that gives way, if one does."""
+        heaviest = self._shares.give_way(workload_id)
+        if heaviest is None:
+            return False
+        newest = max(
+            (
+                next(reversed(self._flows[(heaviest, c)].values()))
+                for c in self._criticalities[heaviest]
+            ),
+            key=lambda ticket: ticket.request.seq,
+        )
+        self._evict(newest, Outcome.REJECTED_QUEUE_FULL)
+        return True
+
+    def reconfigure(self) -> None:
+        """The workload limits changed: re-weigh the shares, re-admit workloads below a cap."""
+        self._shares.reweigh()
+        for workload_id in list(self._criticalities):
+            self._rekey(workload_id)
+        self.wake()
 
     async def enqueue_and_wait(self, request: FlowRequest) -> Ticket:
         """Enqueue and wait for the outcome; `close` the ticket when the request is over."""
@@ -330,7 +376,7 @@ class FlowController:
             self._criticalities.setdefault(request.workload_id, set()).add(request.criticality)
         flow[request.seq] = ticket
         self._queued += 1
-        self._queued_by_workload[request.workload_id] = self.queued_for(request.workload_id) + 1
+        self._shares.add(request.workload_id)
         self._rekey(request.workload_id)
         if self.queue_timeout is not None:
             ticket._timer = self._clock.call_later(
@@ -350,11 +396,7 @@ class FlowController:
                 del self._criticalities[request.workload_id]
                 self._versions.pop(request.workload_id, None)
         self._queued -= 1
-        left = self._queued_by_workload[request.workload_id] - 1
-        if left:
-            self._queued_by_workload[request.workload_id] = left
-        else:
-            del self._queued_by_workload[request.workload_id]
+        self._shares.remove(request.workload_id)
 
     def wake(self) -> None:
         """The gate may have room without a completion: dispatch what it allows."""
@@ -378,11 +420,17 @@ class FlowController:
     def _has_free_slot(self) -> bool:
         return self.capacity.has_room(self._in_flight)
 
+    def _under_cap(self, workload_id: str, limits: WorkloadLimits) -> bool:
+        cap = limits.max_in_flight
+        return cap is None or self.in_flight_for(workload_id) < cap
+
     def _placeable(self, ticket: Ticket) -> bool:
         return self.pool is None or self.pool.has_room(ticket.pick)
 
     def _take_slot(self, ticket: Ticket, now: float) -> None:
         self._in_flight += 1
+        workload_id = ticket.request.workload_id
+        self._running[workload_id] = self.in_flight_for(workload_id) + 1
         self.capacity.on_dispatch()
         if self.pool is not None:
             ticket.endpoints = self.pool.pick(ticket.pick)
@@ -399,6 +447,12 @@ class FlowController:
 
     def _free_slot(self, ticket: Ticket) -> None:
         self._in_flight -= 1
+        workload_id = ticket.request.workload_id
+        left = self._running[workload_id] - 1
+        if left:
+            self._running[workload_id] = left
+        else:
+            del self._running[workload_id]
         self.capacity.on_release()
         if self.pool is not None and ticket._endpoint is not None:
             self.pool.on_release(ticket._endpoint)
@@ -414,22 +468,27 @@ class FlowController:
             started = time.perf_counter()
             ticket = self._pick() if self.pool is None else self._pick_placeable()
             if ticket is None:
-                return  # every head waits for an endpoint of its own
+                return  # every head waits for an endpoint of its own or its workload's cap
             if self.on_pick is not None:
                 self.on_pick(time.perf_counter() - started)
             self._remove(ticket)
             self._take_slot(ticket, self._clock.now())
             self._rekey(ticket.request.workload_id)
 
-    def _pick(self) -> Ticket:
+    def _pick(self) -> Ticket | None:
         if not self._policy.stable_keys:
-            heads = (next(iter(flow.values())) for flow in self._flows.values())
-            return min(heads, key=lambda head: self._policy.sort_key(head.request))
-        while True:
+            heads = (
+                next(iter(flow.values()))
+                for (workload_id, _), flow in self._flows.items()
+                if self._under_cap(workload_id, self._limits(workload_id))
+            )
+            return min(heads, key=lambda head: self._policy.sort_key(head.request), default=None)
+        while self._heap:
             _, version, key = self._heap[0]
             if self._versions.get(key[0]) == version:
                 return next(iter(self._flows[key].values()))
             heapq.heappop(self._heap)
+        return None
 
     def _pick_placeable(self) -> Ticket | None:
         """The policy's first flow head that some allowed endpoint has room for."""
@@ -437,7 +496,11 @@ class FlowController:
         if not self.pool.has_room(None):
             return None  # no endpoint has room, so no subset has: skip the walk
         if not self._policy.stable_keys:
-            heads = [next(iter(flow.values())) for flow in self._flows.values()]
+            heads = [
+                next(iter(flow.values()))
+                for (workload_id, _), flow in self._flows.items()
+                if self._under_cap(workload_id, self._limits(workload_id))
+            ]
             placeable = [head for head in heads if self._placeable(head)]
             if not placeable:
                 return None
@@ -472,6 +535,9 @@ class FlowController:
         """Re-enter this workload in the heap at the key of its best flow head."""
         criticalities = self._criticalities.get(workload_id)
         if not self._policy.stable_keys or not criticalities:
+            return
+        if not self._under_cap(workload_id, self._limits(workload_id)):
+            self._versions.pop(workload_id, None)  # out of the running until a completion
             return
         best: tuple[tuple[float, ...], FlowKey] | None = None
         for criticality in criticalities:

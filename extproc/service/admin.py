@@ -63,8 +63,11 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _list_workloads(request: web.Request) -> web.Response:
-    statuses = request.app[_READER].list()
-    return web.json_response({"workloads": [status.as_json() for status in statuses]})
+    reader = request.app[_READER]
+    body: dict[str, object] = {"workloads": [status.as_json() for status in reader.list()]}
+    if reader.workloads is not None and reader.workloads.path is not None:
+        body["table"] = reader.workloads.table.as_json()  # every entry, tracked or not
+    return web.json_response(body)
 
 
 async def _capacity(request: web.Request) -> web.Response:

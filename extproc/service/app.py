@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import socket
 from collections.abc import Coroutine
@@ -58,6 +59,7 @@ from extproc.service.auth import BearerToken
 from extproc.service.extproc import ExternalProcessorService
 from extproc.service.metrics import Metrics
 from extproc.service.readapi import WorkloadReader, WorkloadRegistryService
+from extproc.workloads import Workloads
 
 # Envoy's message timeout is extended by this much beyond the queue timeout, so
 # that the queue, not Envoy, decides when a held request has waited too long.
@@ -94,7 +96,11 @@ class Service:
             else local
         )
         self.datastore = RegistryDatastore(self.registry)
-        policy = make_policy(settings.policy, self.datastore, clock, settings.policy_options())
+        self.workloads = Workloads(settings.workloads)
+        options = dataclasses.replace(
+            settings.policy_options(), workload_weight=self.workloads.weight
+        )
+        policy = make_policy(settings.policy, self.datastore, clock, options)
         self.capacity = make_capacity(settings, clock)
         self._scraper = (
             Scraper(self.capacity, settings.backend_metrics_interval)
@@ -109,8 +115,11 @@ class Service:
             capacity=self.capacity,
             max_queue=settings.max_queue,
             queue_timeout=settings.queue_timeout,
+            limits=self.workloads.limits,
+            shed_below=settings.shed_below,
             pool=self.pool,
         )
+        self.workloads.on_change(self.flow.reconfigure)
         self.fleet = (
             FleetSync(
                 self.registry,
@@ -123,13 +132,20 @@ class Service:
         )
         fleet_status = self.fleet.status if self.fleet is not None else None
         pool_status = self.pool.status if self.pool is not None else None
-        self.reader = WorkloadReader(self.datastore, self.flow, fleet_status, pool_status)
+        self.reader = WorkloadReader(
+            self.datastore, self.flow, fleet_status, self.workloads, pool_status
+        )
         self.metrics = Metrics(
-            self.reader, settings.metrics_top_workloads, fleet_status, pool_status
+            self.reader,
+            settings.metrics_top_workloads,
+            fleet_status,
+            self.workloads,
+            pool_status,
         )
         self.flow.on_pick = self.metrics.decision.observe
         parser = ContextParser(
-            settings.default_workload if settings.on_missing_context == "default" else None
+            settings.default_workload if settings.on_missing_context == "default" else None,
+            settings.workload_header,
         )
         self.ext_proc = ExternalProcessorService(
             self.datastore,
@@ -142,6 +158,7 @@ class Service:
             pick_endpoints=settings.endpoints_configured,
             max_body_bytes=settings.max_body_bytes,
             count_tokens=settings.policy == "fair-share" and settings.fair_share_cost == "tokens",
+            workloads=self.workloads,
         )
         self.health = HealthServicer()
         self.token = BearerToken(settings.admin_token)
@@ -151,6 +168,7 @@ class Service:
         self._server: grpc.aio.Server | None = None
         self._admin: web.AppRunner | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._reloader: asyncio.Task[None] | None = None
         self._log = structlog.get_logger("extproc")
 
     async def start(self) -> None:
@@ -176,6 +194,8 @@ class Service:
         self._server = server
         self._admin = await self._start_admin()
         self._sweeper = asyncio.create_task(self._sweep_forever())
+        if self.settings.workloads is not None:
+            self._reloader = asyncio.create_task(self._reload_forever())
         if self._scraper is not None:
             await self._scraper.start()
         for task in self._pool_tasks:
@@ -194,6 +214,9 @@ class Service:
             max_concurrency=self.settings.max_concurrency,
             max_queue=self.settings.max_queue,
             queue_timeout=self.settings.queue_timeout,
+            workloads=str(self.settings.workloads) if self.settings.workloads else None,
+            workload_header=self.settings.workload_header,
+            shed_below=self.settings.shed_below,
         )
 
     async def stop(self, drain_timeout: float | None = None, grace: float | None = None) -> None:
@@ -206,9 +229,10 @@ class Service:
         await _within(drain, self.flow.wait_for(lambda: self.flow.queued == 0))
         self.flow.close()
         await _within(grace, self.flow.wait_for(lambda: self.flow.in_flight == 0))
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        for loop_task in (self._sweeper, self._reloader):
+            if loop_task is not None:
+                loop_task.cancel()
+        self._sweeper = self._reloader = None
         if self._scraper is not None:
             await self._scraper.stop()
         for task in reversed(self._pool_tasks):
@@ -246,6 +270,11 @@ class Service:
         while True:
             await asyncio.sleep(interval)
             self.sweep()
+
+    async def _reload_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.workloads_reload_interval)
+            self.workloads.reload_if_changed()
 
     async def _start_admin(self) -> web.AppRunner:
         app = make_admin_app(self.reader, lambda: self.ready, self.token, self.metrics.registry)

@@ -16,7 +16,9 @@ never by configuration:
 
 Per stream, in order:
 1. `request_headers`: read the workload context (a bad one is answered 400 at
-   once and never tracked), then *new* (`workload_handle_new_request`). A new
+   once and never tracked) and apply the operator's workloads table (an id it
+   does not allow: 403, never tracked; a criticality above the workload's
+   bound: clamped), then *new* (`workload_handle_new_request`). A new
    workload the full registry cannot take is answered 429 `registry-full`, or
    tracked as the shared `overflow` workload. In full-duplex mode the body is
    read next (until its end, or until it passes `max_body_bytes`). Then
@@ -28,7 +30,8 @@ Per stream, in order:
    (`workload_handle_dispatched_request` with the queue wait) and CONTINUE with
    `x-workload-id` and `x-workload-queue-wait-ms` added upstream and, when
    picking, the Endpoint Picker Protocol answer (`epp`). Anything else -> an
-   ImmediateResponse from `outcomes` (429/503 with a dropped-reason header).
+   ImmediateResponse from `outcomes` (429/503 with a dropped-reason header:
+   queue-full, workload-limit, shed, queue-timeout, shutdown, no-endpoint).
    In trailer mode, when the capacity gate learns from latency (`adaptive`),
    the answer also asks Envoy (`mode_override`) for this response's headers,
    whose arrival is the dispatch-to-first-byte sample.
@@ -76,25 +79,25 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import duration_pb2
 
-from extproc.context import (
-    FAIRNESS_ID_HEADER,
-    WORKLOAD_CONTEXT_HEADER,
-    ContextError,
-    ContextParser,
-    WorkloadContext,
-)
+from extproc.context import OVERFLOW_WORKLOAD, ContextError, ContextParser, WorkloadContext
 from extproc.contracts import Clock, Datastore, PickRequest, RegistryFull
 from extproc.flowcontrol.queue import FlowController, FlowRequest, Ticket
-from extproc.outcomes import Outcome, Rejection, invalid_request, registry_full, rejection_for
+from extproc.outcomes import (
+    Outcome,
+    Rejection,
+    invalid_request,
+    registry_full,
+    rejection_for,
+    workload_not_allowed,
+)
 from extproc.pool.body import DEFAULT_MAX_BODY_BYTES, UNKNOWN, BodyBuffer, InferenceRequest
 from extproc.pool.usage import UsageReader, estimate
-from extproc.registry.memory import OVERFLOW_WORKLOAD
 from extproc.service import epp
 from extproc.service.metrics import Metrics
+from extproc.workloads import Workloads
 
 WORKLOAD_ID_HEADER = "x-workload-id"
 QUEUE_WAIT_HEADER = "x-workload-queue-wait-ms"
-_CONTEXT_HEADERS = frozenset({WORKLOAD_CONTEXT_HEADER, FAIRNESS_ID_HEADER})
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _SEND = processing_mode_pb2.ProcessingMode.SEND
 _FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
@@ -203,11 +206,14 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         *,
         hold_timeout: float,
         overflow_when_full: bool = True,
+        workloads: Workloads | None = None,
         pick_endpoints: bool = False,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         count_tokens: bool = False,
     ) -> None:
         self._datastore = datastore
+        self._workloads = workloads or Workloads(None)
+        self._context_headers = parser.headers
         self._overflow_when_full = overflow_when_full
         self._flow = flow
         self._parser = parser
@@ -290,11 +296,19 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         headers = message.request_headers
         exchange.duplex = message.protocol_config.request_body_mode == _FULL_DUPLEX
         try:
-            workload = self._parser.parse(_context_headers(headers.headers))
+            workload = self._parser.parse(_context_headers(headers.headers, self._context_headers))
         except ContextError as error:
             self._log.info("request", outcome="invalid-workload-context", error=str(error))
             self._metrics.record("invalid-workload-context", None, rejected=True)
             return _immediate(invalid_request(error.header, error.detail))
+        admission = self._workloads.admit(workload)
+        if not admission.allowed:
+            self._log.info("request", workload=workload.workload_id, outcome="not-allowed")
+            self._metrics.record("not-allowed", None, rejected=True)
+            return _immediate(workload_not_allowed(workload.workload_id))
+        if admission.clamped:
+            self._metrics.clamped.inc()
+        workload = admission.context
         exchange.started = self._clock.now()
         try:
             self._datastore.workload_handle_new_request(workload.workload_id)
@@ -444,10 +458,10 @@ def _take_echo(exchange: _Exchange) -> list[Any]:
     return echo if ticket is not None and ticket.outcome is Outcome.DISPATCHED else []
 
 
-def _context_headers(header_map: Any) -> dict[str, list[bytes]]:
+def _context_headers(header_map: Any, wanted: frozenset[str]) -> dict[str, list[bytes]]:
     found: dict[str, list[bytes]] = {}
     for header in header_map.headers:
-        if header.key in _CONTEXT_HEADERS:
+        if header.key in wanted:
             found.setdefault(header.key, []).append(header.raw_value or header.value.encode())
     return found
 

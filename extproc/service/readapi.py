@@ -4,7 +4,7 @@ the views the HTTP admin listener renders. Both show the same `WorkloadStatus`."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -17,6 +17,7 @@ from extproc.flowcontrol.queue import FlowController
 from extproc.pool.pool import PoolStatus
 from extproc.service.auth import BearerToken
 from extproc.stats import percentile
+from extproc.workloads import Workloads, WorkloadSpec
 
 DEFAULT_WATCH_INTERVAL = 1.0
 MIN_WATCH_INTERVAL = 0.05
@@ -24,13 +25,27 @@ MIN_WATCH_INTERVAL = 0.05
 
 @dataclass(frozen=True, slots=True)
 class WorkloadStatus:
-    """A workload's registry metrics and how many of its requests are queued now."""
+    """A workload's registry metrics, how many of its requests are queued now, and the
+    limits in force for it (None without a --workloads table)."""
 
     metrics: WorkloadMetrics
     queued_requests: int
     recent_p99_wait: float = 0.0
+    limits: WorkloadSpec | None = None
 
     def as_json(self) -> dict[str, object]:
+        fields = self._fields()
+        if self.limits is not None:
+            fields["limits"] = self.limits.model_dump()
+        return fields
+
+    def as_proto(self) -> pb.Workload:
+        workload = pb.Workload(**self._fields())  # type: ignore[arg-type]
+        if self.limits is not None:
+            workload.limits.CopyFrom(pb.WorkloadLimits(**self.limits.model_dump()))
+        return workload
+
+    def _fields(self) -> dict[str, object]:
         m = self.metrics
         return {
             "workload_id": m.workload_id,
@@ -43,9 +58,6 @@ class WorkloadStatus:
             "recent_p99_wait_seconds": self.recent_p99_wait,
         }
 
-    def as_proto(self) -> pb.Workload:
-        return pb.Workload(**self.as_json())  # type: ignore[arg-type]
-
 
 class WorkloadReader:
     def __init__(
@@ -53,12 +65,14 @@ class WorkloadReader:
         datastore: Datastore,
         flow: FlowController,
         fleet: Callable[[], FleetStatus] | None = None,
+        workloads: Workloads | None = None,
         pool: Callable[[], PoolStatus] | None = None,
     ) -> None:
         self._registry = datastore.get_workload_registry()
         self.flow = flow
         self.fleet = fleet
         """This replica's view of its fleet, when the registry is shared."""
+        self.workloads = workloads
         self.pool = pool
         """The endpoints and their state, when endpoint picking is on."""
 
@@ -67,18 +81,23 @@ class WorkloadReader:
         if metrics is None:
             return None
         waits = self._registry.recent_waits().get(workload_id, [])
-        return WorkloadStatus(metrics, self.flow.queued_for(workload_id), percentile(waits, 99))
+        return self._status(metrics, waits)
 
     def list(self) -> list[WorkloadStatus]:
         waits = self._registry.recent_waits()
         return [
-            WorkloadStatus(
-                m,
-                self.flow.queued_for(m.workload_id),
-                percentile(waits.get(m.workload_id, []), 99),
-            )
-            for m in self._registry.list_metrics()
+            self._status(m, waits.get(m.workload_id, [])) for m in self._registry.list_metrics()
         ]
+
+    def _status(self, metrics: WorkloadMetrics, waits: Sequence[float]) -> WorkloadStatus:
+        workload_id = metrics.workload_id
+        table = self.workloads.table if self.workloads and self.workloads.path else None
+        return WorkloadStatus(
+            metrics,
+            self.flow.queued_for(workload_id),
+            percentile(waits, 99),
+            table.spec(workload_id) if table is not None else None,
+        )
 
     def snapshot(self) -> pb.WorkloadSnapshot:
         time = timestamp_pb2.Timestamp()
@@ -145,6 +164,8 @@ def capacity_proto(status: CapacityStatus) -> pb.Capacity:
                 scrape_age_seconds=e.age,
                 scrape_errors=e.errors,
                 last_error=e.last_error,
+                running=e.running,
+                slots=e.slots,
             )
             for e in status.endpoints
         ],

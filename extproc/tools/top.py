@@ -1,7 +1,9 @@
 """`extproc top`: a live terminal view of every workload, fed by `WatchWorkloads`.
 
 One row per workload -- request rate, active, queued, in flight, dispatched,
-average and recent p99 queue wait, share of capacity -- sorted by `--sort`,
+average and recent p99 queue wait, share of capacity, and with a --workloads
+table the limits in force (weight, in-flight and queued caps, criticality
+bound) -- sorted by `--sort`,
 under a header with the totals, a sparkline of the queue's depth, the
 capacity gate (its limit, and its saturation and each model server's last
 scrape, or its latencies), with a shared registry the fleet, and with endpoint
@@ -76,9 +78,14 @@ def render(snapshot: pb.WorkloadSnapshot, depths: list[int], sort: str, limit: i
     table.add_column("workload", overflow="ellipsis", max_width=32)
     for key, column in COLUMNS.items():
         table.add_column(column.title + (" ▼" if key == sort else ""), justify="right")
+    with_limits = any(w.HasField("limits") for w in snapshot.workloads)
+    if with_limits:
+        table.add_column("limits")
     rows = sorted(snapshot.workloads, key=lambda w: COLUMNS[sort].value(w, snapshot), reverse=True)
     for workload in rows[:limit]:
         cells = [c.text(c.value(workload, snapshot)) for c in COLUMNS.values()]
+        if with_limits:
+            cells.append(limits_text(workload.limits) if workload.HasField("limits") else "")
         table.add_row(workload.workload_id, *cells)
     if len(rows) > limit:
         table.caption = f"{len(rows) - limit} more workloads not shown (--limit)"
@@ -109,6 +116,22 @@ def pool_table(pool: pb.Pool) -> Table:
     return table
 
 
+def limits_text(limits: pb.WorkloadLimits) -> str:
+    """The limits in force, briefly: `weight 4  in flight ≤8  queued ≤50  crit ≤3`."""
+    if not limits.allow:
+        return "not allowed"
+    parts = []
+    if limits.HasField("weight"):
+        parts.append(f"weight {limits.weight:g}")
+    if limits.HasField("max_in_flight"):
+        parts.append(f"in flight ≤{limits.max_in_flight}")
+    if limits.HasField("max_queued"):
+        parts.append(f"queued ≤{limits.max_queued}")
+    if limits.HasField("max_criticality"):
+        parts.append(f"crit ≤{limits.max_criticality}")
+    return "  ".join(parts) or "-"
+
+
 def fleet_line(fleet: pb.Fleet) -> Text:
     state = ("synced", "green") if fleet.connected else ("Redis unreachable: local view", "red")
     age = f"{fleet.sync_age_seconds:.2f}s ago" if fleet.HasField("sync_age_seconds") else "never"
@@ -133,6 +156,8 @@ def capacity_lines(capacity: pb.Capacity) -> list[Text]:
     for endpoint in capacity.endpoints:
         waiting = f"{endpoint.waiting:.0f}" if endpoint.HasField("waiting") else "-"
         kv = f"{endpoint.kv_cache_usage:.0%}" if endpoint.HasField("kv_cache_usage") else "-"
+        running = f"{endpoint.running:.0f}" if endpoint.HasField("running") else "-"
+        slots = f"{endpoint.slots:.0f}" if endpoint.HasField("slots") else "-"
         age = (
             f"{endpoint.scrape_age_seconds:.2f}s ago"
             if endpoint.HasField("scrape_age_seconds")
@@ -140,7 +165,11 @@ def capacity_lines(capacity: pb.Capacity) -> list[Text]:
         )
         errors = f"   errors {endpoint.scrape_errors}" if endpoint.scrape_errors else ""
         lines.append(
-            Text(f"  {endpoint.url}   waiting {waiting}   kv {kv}   {age}{errors}", style="dim")
+            Text(
+                f"  {endpoint.url}   waiting {waiting}   running {running} of ~{slots} slots"
+                f"   kv {kv}   {age}{errors}",
+                style="dim",
+            )
         )
     return lines
 

@@ -150,6 +150,8 @@ async def test_the_service_shows_its_gate_in_metrics_json_and_top(
     assert samples["extproc_capacity_fallback", ()] == 0
     assert samples["extproc_backend_waiting_requests", (("endpoint", url),)] == 0
     assert samples["extproc_backend_scrape_errors_total", (("endpoint", url),)] == 0
+    assert samples["extproc_backend_running_requests", (("endpoint", url),)] == 0
+    assert samples["extproc_backend_slots", (("endpoint", url),)] == 0  # nothing learnt yet
     assert samples["extproc_backend_scrape_age_seconds", (("endpoint", url),)] < 1
     assert samples["extproc_max_concurrency", ()] == 8
     async with (
@@ -166,7 +168,7 @@ async def test_the_service_shows_its_gate_in_metrics_json_and_top(
     output, _ = await asyncio.wait_for(process.communicate(), 30)
     frame = output.decode()
     assert "capacity metrics   limit 8   saturation 0.00" in frame
-    assert f"{url}   waiting 0   kv 0%" in frame
+    assert f"{url}   waiting 0   running 0 of ~0 slots   kv 0%" in frame
 
 
 async def test_an_oversized_or_failing_page_is_an_error_not_a_reading() -> None:

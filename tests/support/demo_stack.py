@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import statistics
 import time
 from collections import Counter
@@ -14,14 +13,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import web
 
 from extproc.config import Settings
 from extproc.service.app import Service
-from extproc.tools.demo_backend import make_demo_app
+from extproc.tools.demo_backend import Timing
+from tests.support.demo_server import completion, demo_server
 from tests.support.envoy import Envoy, bundled_config
 
 SAMPLE_EVERY = 0.05
+TOKENS = 5
 
 
 @dataclass
@@ -61,7 +61,7 @@ async def flood(
     async def client(index: int) -> None:
         headers = {"x-workload-context": f'{{"workload_id": "tenant-{index % 4}"}}'}
         while time.monotonic() < deadline:
-            async with http.get(url, headers=headers) as reply:
+            async with http.post(url, headers=headers, json=completion(TOKENS)) as reply:
                 await reply.read()
                 statuses[reply.status] += 1
 
@@ -106,21 +106,23 @@ class Flood:
         return statistics.mean(self.waiting[2:])
 
 
+def timing(duration: float) -> Timing:
+    """The demo server's timing for a request of TOKENS tokens that takes `duration` s."""
+    step = duration / TOKENS
+    return Timing(first_token=step, inter_token=step)
+
+
 @contextlib.asynccontextmanager
-async def demo_stack(
-    slots: int, duration: float, tokens: int = 5, **settings: object
-) -> AsyncIterator[DemoStack]:
+async def demo_stack(slots: int, duration: float, **settings: object) -> AsyncIterator[DemoStack]:
     """A demo model server of `slots`, answering in `duration` s, behind Envoy and the service
     with `settings` (the metrics gate, if chosen, scrapes the demo server)."""
     async with contextlib.AsyncExitStack() as stack:
-        runner = web.AppRunner(make_demo_app(concurrency=slots, tokens=tokens, duration=duration))
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        sock = socket.create_server(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        await web.SockSite(runner, sock).start()
+        base = await stack.enter_async_context(
+            demo_server(slots, timing=timing(duration), prefix_cache_blocks=0)
+        )
+        port = int(base.rsplit(":", 1)[1])
         if settings.get("capacity") == "metrics":
-            settings["backend_metrics_url"] = [f"http://127.0.0.1:{port}/metrics"]
+            settings["backend_metrics_url"] = [f"{base}/metrics"]
         service_settings = Settings(listen="127.0.0.1:0", admin_listen="127.0.0.1:0", **settings)  # type: ignore[arg-type]
         service = Service(service_settings)
         await service.start()

@@ -18,6 +18,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_CONFIG = ROOT / "envoy" / "envoy.yaml"
 POOL_CONFIG = ROOT / "envoy" / "envoy-pool.yaml"
+JWT_CONFIG = ROOT / "envoy" / "envoy-jwt.yaml"
 
 
 def envoy_binary() -> str:
@@ -32,12 +33,13 @@ def bundled_config(
     extproc_port: int,
     backend_port: int,
     *more_extproc_ports: int,
+    source: Path = BUNDLED_CONFIG,
     **filter_overrides: Any,
 ) -> dict[str, Any]:
-    """envoy/envoy.yaml as shipped, moved onto ephemeral ports; every processor port
-    (several replicas) is an endpoint of the ext_proc cluster."""
+    """envoy/envoy.yaml (or another bundled `source`) as shipped, moved onto ephemeral
+    ports; every processor port (several replicas) is an endpoint of the ext_proc cluster."""
     ports = {"workload_extproc": [extproc_port, *more_extproc_ports], "backend": [backend_port]}
-    return _shipped(BUNDLED_CONFIG, ports, filter_overrides)
+    return _shipped(source, ports, filter_overrides)
 
 
 def pool_config(
@@ -69,10 +71,15 @@ def _shipped(
 
 
 def ext_proc_filter(config: dict[str, Any]) -> dict[str, Any]:
+    return http_filter(config, "envoy.filters.http.ext_proc")
+
+
+def http_filter(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """The typed_config of the listener's HTTP filter called `name`."""
     (listener,) = config["static_resources"]["listeners"]
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    (ext_proc,) = [f for f in manager["http_filters"] if f["name"] == "envoy.filters.http.ext_proc"]
-    return ext_proc["typed_config"]  # type: ignore[no-any-return]
+    (found,) = [f for f in manager["http_filters"] if f["name"] == name]
+    return found["typed_config"]  # type: ignore[no-any-return]
 
 
 class Envoy:
