@@ -10,7 +10,7 @@ REPLICAS ?= 1
 ENDPOINTS ?= 0
 ARGS ?=
 
-.PHONY: all install protos run test lint format fairness-report pool-report demo-fairness bench bench-ablation clean
+.PHONY: all install protos run test lint format fairness-report demo-fairness pool-report bench bench-ablation clean
 
 all: install
 
@@ -29,7 +29,7 @@ protos: $(GENERATED)
 $(GENERATED): $(PROTOS) protos/generate.py $(STAMP)
 	$(BIN)/python protos/generate.py .
 
-# make run CAPACITY=metrics|adaptive REPLICAS=2 ARGS='--policy fair-share'
+# make run CAPACITY=metrics|adaptive REPLICAS=2 ARGS='--policy fair-share'; make run ENDPOINTS=3 (pool mode)
 run: install
 	CAPACITY=$(CAPACITY) REPLICAS=$(REPLICAS) ENDPOINTS=$(ENDPOINTS) bash envoy/run-local.sh $(ARGS)
 
