@@ -7,6 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 GENERATED := extproc/api/v1/registry_pb2.py
 CAPACITY ?= static
 REPLICAS ?= 1
+ENDPOINTS ?= 0
 ARGS ?=
 
 .PHONY: all install protos run test lint format fairness-report demo-fairness pool-report bench bench-ablation clean
@@ -28,9 +29,9 @@ protos: $(GENERATED)
 $(GENERATED): $(PROTOS) protos/generate.py $(STAMP)
 	$(BIN)/python protos/generate.py .
 
-# make run CAPACITY=metrics|adaptive REPLICAS=2 ARGS='--policy fair-share'
+# make run CAPACITY=metrics|adaptive REPLICAS=2 ARGS='--policy fair-share'; make run ENDPOINTS=3 (pool mode)
 run: install
-	CAPACITY=$(CAPACITY) REPLICAS=$(REPLICAS) bash envoy/run-local.sh $(ARGS)
+	CAPACITY=$(CAPACITY) REPLICAS=$(REPLICAS) ENDPOINTS=$(ENDPOINTS) bash envoy/run-local.sh $(ARGS)
 
 # The shared-registry tests start their own redis-server (Debian's package).
 test: install

@@ -36,6 +36,7 @@ from extproc.capacity.saturation import (
 from extproc.flowcontrol.fair_share import DEFAULT_WEIGHTS
 from extproc.flowcontrol.policies import POLICIES, PolicyOptions
 from extproc.flowcontrol.policy import ScoreWeights
+from extproc.pool.body import DEFAULT_MAX_BODY_BYTES
 from extproc.pool.endpoints import EndpointOptions
 from extproc.pool.scorers import ScorerWeights
 from extproc.workloads import WorkloadsFileError, WorkloadTable
@@ -251,8 +252,17 @@ class Settings(BaseSettings):
     weight_rate: float = Field(0.2, ge=0, description="workload-aware: weight of the rate penalty")
     wait_saturation: float = Field(60.0, gt=0, description="workload-aware: wait term cap, s")
     rate_saturation: float = Field(100.0, gt=0, description="workload-aware: rate cap, req/s")
-    fair_share_cost: Literal["requests", "occupancy"] = Field(
-        "occupancy", description="fair-share: charge per request, or per slot-second"
+    fair_share_cost: Literal["requests", "occupancy", "tokens"] = Field(
+        "occupancy",
+        description="fair-share: charge per request, per slot-second, or per token (input + "
+        "2 x output; needs full-duplex bodies, else falls back to occupancy)",
+    )
+    max_body_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES,
+        ge=0,
+        le=1 << 30,
+        description="full-duplex bodies: read the OpenAI JSON request body up to this size; "
+        "a larger one is forwarded unchanged and picked without its prompt",
     )
     criticality_weights: str = Field(
         ",".join(f"{w:g}" for w in DEFAULT_WEIGHTS),

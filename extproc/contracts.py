@@ -96,6 +96,14 @@ class Datastore(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class TokenCount:
+    """A request's tokens: its prompt and its answer."""
+
+    input: int
+    output: int
+
+
+@dataclass(frozen=True, slots=True)
 class QueuedRequest:
     """What a policy sees of a request waiting in the flow-control queue."""
 
@@ -105,6 +113,9 @@ class QueuedRequest:
     """Clock time at enqueue; the start of the request's queue wait."""
     seq: int
     """Arrival order across all workloads; the FCFS tie-break."""
+    tokens: TokenCount | None = None
+    """Estimated at enqueue from the request body (prompt length, max_tokens); None
+    when the body was not read."""
 
 
 class Policy(Protocol):
@@ -136,6 +147,11 @@ class Policy(Protocol):
     def on_dispatch(self, item: QueuedRequest) -> None: ...
 
     def on_done(self, item: QueuedRequest, service_time: float | None) -> None: ...
+
+    def on_usage(self, item: QueuedRequest, usage: TokenCount | None) -> None:
+        """A dispatched request's response completed, reporting its token usage (None:
+        the response carried none). At most once, before `on_done`."""
+        ...
 
     def forget(self, workload_id: str) -> None:
         """The registry forgot this idle workload; drop any account kept for it."""

@@ -11,6 +11,7 @@ from extproc.service.app import HEALTH_SERVICES, HOLD_MARGIN
 from tests.support.envoy import (
     BUNDLED_CONFIG,
     JWT_CONFIG,
+    POOL_CONFIG,
     envoy_binary,
     ext_proc_filter,
     http_filter,
@@ -107,3 +108,31 @@ def test_jwt_config_is_the_bundled_one_plus_identity() -> None:
     bundled = load()
     ext_proc_filter(bundled).pop("forward_rules")
     assert jwt == bundled
+
+
+def test_envoy_validates_the_pool_config() -> None:
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(POOL_CONFIG)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_pool_config_uses_the_modes_inference_gateways_set() -> None:
+    config = yaml.safe_load(POOL_CONFIG.read_text())
+    ext_proc = ext_proc_filter(config)
+    assert ext_proc["processing_mode"] == {
+        "request_header_mode": "SEND",
+        "request_body_mode": "FULL_DUPLEX_STREAMED",
+        "request_trailer_mode": "SEND",
+        "response_header_mode": "SEND",
+        "response_body_mode": "FULL_DUPLEX_STREAMED",
+        "response_trailer_mode": "SEND",
+    }
+    assert seconds(ext_proc["max_message_timeout"]) >= Settings().queue_timeout + HOLD_MARGIN
+    forwarded = ext_proc["metadata_options"]["forwarding_namespaces"]["untyped"]
+    assert {"envoy.lb.subset_hint", "envoy.lb"} <= set(forwarded)
+    (pool,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "pool"]
+    (policy,) = pool["load_balancing_policy"]["policies"]
+    sources = policy["typed_extension_config"]["typed_config"]["override_host_sources"]
+    assert sources[0] == {"header": "x-gateway-destination-endpoint"}

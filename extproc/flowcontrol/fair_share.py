@@ -16,6 +16,13 @@ Algorithm
   since an over-estimate would mislead lifts, while an under-estimate is at
   most C requests' worth). At completion the guess is corrected by
   (measured - e_w)/weight, as Kubernetes APF corrects its seat-seconds.
+  Cost `tokens` (VTC's own unit, when bodies pass through the processor):
+  at dispatch c_w += (input + 2 * output)/weight with the request's estimate
+  (prompt length, max_tokens; the workload's last measured cost when the body
+  was not read); at completion the charge is corrected to the response's
+  reported `usage`. The first response that completes without usage switches
+  the policy to `occupancy` for good (it says so once in the log): a unit that
+  cannot be measured must not be billed by guesses alone.
 - No banking of idle credit: when a workload with nothing queued enqueues,
   c_w = max(c_w, floor). The floor is the system's virtual time -- the
   counter, before charging, of the most recent dispatch, as in start-time
@@ -49,10 +56,14 @@ import heapq
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-from extproc.contracts import QueuedRequest
+import structlog
+
+from extproc.contracts import QueuedRequest, TokenCount
 from extproc.flowcontrol.policy import KeyedPolicy
 
-Cost = Literal["requests", "occupancy"]
+Cost = Literal["requests", "occupancy", "tokens"]
+OUTPUT_TOKEN_WEIGHT = 2.0
+"""An answer token costs this many prompt tokens (decode is dearer than prefill)."""
 DEFAULT_WEIGHTS: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0)
 _ESTIMATE_ALPHA = 0.2
 
@@ -78,6 +89,8 @@ class FairSharePolicy(KeyedPolicy):
         self._estimates: dict[str, float] = {}
         self._charged: dict[int, float] = {}
         self._average_service: float | None = None
+        self._token_costs: dict[str, float] = {}
+        """tokens: each workload's last measured cost, the estimate for an unread body."""
         self._virtual_time = 0.0
         self._backlog: list[tuple[float, str]] = []
         """(counter, workload) of backlogged workloads; see the module's note on staleness."""
@@ -102,7 +115,7 @@ class FairSharePolicy(KeyedPolicy):
         self._leave_queue(workload)
         self._in_flight[workload] = self._in_flight.get(workload, 0) + 1
         self._virtual_time = max(self._virtual_time, self._counters[workload])
-        charge = self._estimate(workload) if self.cost == "occupancy" else 1.0
+        charge = self._charge(item)
         self._charged[item.seq] = charge
         self._counters[workload] += charge / self._weight(item)
         self._rekey(workload)
@@ -120,12 +133,45 @@ class FairSharePolicy(KeyedPolicy):
                 self._counters[workload] += (service_time - charged) / self._weight(item)
                 self._learn(workload, service_time)
                 self._rekey(workload)
+            elif self.cost == "tokens":
+                # Also learn seconds, so a switch to occupancy starts informed.
+                self._learn(workload, service_time)
         self._forget_if_idle(workload)
+
+    def on_usage(self, item: QueuedRequest, usage: TokenCount | None) -> None:
+        if self.cost != "tokens" or item.seq not in self._charged:
+            return
+        if usage is None:
+            structlog.get_logger("extproc.policy").warning(
+                "fair-share-cost-fallback",
+                detail="a response reported no token usage: fair-share charges occupancy "
+                "(slot-seconds) from now on",
+            )
+            self.cost = "occupancy"
+            return
+        measured = _token_cost(usage)
+        self._counters[item.workload_id] += (measured - self._charged[item.seq]) / self._weight(
+            item
+        )
+        self._rekey(item.workload_id)
+        # Corrected once: on_done must not correct it again.
+        self._charged[item.seq] = measured
+        self._token_costs[item.workload_id] = measured
+
+    def _charge(self, item: QueuedRequest) -> float:
+        if self.cost == "occupancy":
+            return self._estimate(item.workload_id)
+        if self.cost == "tokens":
+            if item.tokens is not None:
+                return _token_cost(item.tokens)
+            return self._token_costs.get(item.workload_id, 0.0)
+        return 1.0
 
     def forget(self, workload_id: str) -> None:
         if workload_id not in self._queued and workload_id not in self._in_flight:
             self._counters.pop(workload_id, None)
             self._estimates.pop(workload_id, None)
+            self._token_costs.pop(workload_id, None)
 
     def _floor(self) -> float:
         # The virtual time is the counter of the latest dispatch, so normally no
@@ -182,3 +228,8 @@ class FairSharePolicy(KeyedPolicy):
         if idle and self._counters.get(workload, 0.0) <= self._floor():
             self._counters.pop(workload, None)
             self._estimates.pop(workload, None)
+            self._token_costs.pop(workload, None)
+
+
+def _token_cost(tokens: TokenCount) -> float:
+    return tokens.input + OUTPUT_TOKEN_WEIGHT * tokens.output

@@ -83,6 +83,7 @@ from extproc.contracts import (
     Policy,
     QueuedRequest,
     TimerHandle,
+    TokenCount,
 )
 from extproc.flowcontrol.admission import NO_LIMITS, QueueShares, WorkloadLimits
 from extproc.outcomes import Outcome
@@ -96,6 +97,8 @@ class FlowRequest:
     criticality: int
     pick: PickRequest | None = None
     """What the endpoint picker may use; ignored without an endpoint pool."""
+    tokens: TokenCount | None = None
+    """The request's estimated tokens, for fair-share's `tokens` cost."""
 
 
 class Ticket:
@@ -141,6 +144,13 @@ class Ticket:
         if self._holds_slot and not self._sampled:
             self._sampled = True
             self._controller._first_byte(self)
+
+    def usage(self, tokens: TokenCount | None) -> None:
+        """The response completed and reported `tokens` used (None: it reported none).
+
+        Call at most once, before `close`; ignored unless the request holds a slot."""
+        if self._holds_slot:
+            self._controller._policy.on_usage(self.request, tokens)
 
     def served(self, address: str) -> None:
         """The data plane says `address` served the request: account it there from now on.
@@ -270,7 +280,9 @@ class FlowController:
         now = self._clock.now()
         ticket = Ticket(
             self,
-            QueuedRequest(request.workload_id, request.criticality, now, next(self._seq)),
+            QueuedRequest(
+                request.workload_id, request.criticality, now, next(self._seq), request.tokens
+            ),
             request.pick,
         )
         workload_id = request.workload_id

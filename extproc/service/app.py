@@ -155,6 +155,9 @@ class Service:
             self.metrics,
             hold_timeout=settings.queue_timeout + HOLD_MARGIN,
             overflow_when_full=settings.on_registry_full == "overflow",
+            pick_endpoints=settings.endpoints_configured,
+            max_body_bytes=settings.max_body_bytes,
+            count_tokens=settings.policy == "fair-share" and settings.fair_share_cost == "tokens",
             workloads=self.workloads,
         )
         self.health = HealthServicer()

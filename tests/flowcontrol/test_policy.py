@@ -6,7 +6,7 @@ import random
 import pytest
 
 from extproc.clock import VirtualClock
-from extproc.contracts import Policy, QueuedRequest
+from extproc.contracts import Policy, QueuedRequest, TokenCount
 from extproc.flowcontrol.fair_share import FairSharePolicy
 from extproc.flowcontrol.policies import POLICIES, make_policy
 from extproc.flowcontrol.policy import ScoreWeights, WorkloadAwarePolicy
@@ -219,3 +219,32 @@ def test_fair_share_finds_its_floor_without_scanning_the_backlog() -> None:
     for n in range(workloads):  # each from idle, all of them backlogged
         policy.on_enqueue(QueuedRequest(f"w{n}", 1, 0.0, n))
     assert _CountingReads.reads < 20 * workloads
+
+
+def test_fair_share_tokens_charges_the_estimate_then_the_measured_usage() -> None:
+    policy = FairSharePolicy("tokens")
+    item = QueuedRequest("a", 1, 0.0, 1, TokenCount(10, 5))
+    policy.on_enqueue(item)
+    policy.on_dispatch(item)
+    assert policy.counter("a") == pytest.approx(10 + 2 * 5)
+    policy.on_usage(item, TokenCount(10, 50))
+    assert policy.counter("a") == pytest.approx(10 + 2 * 50)
+    policy.on_done(item, 1.0)
+    assert policy.counter("a") == pytest.approx(110)  # corrected once, not again at the end
+    # A body that was not read is charged the workload's last measured cost.
+    unread = QueuedRequest("a", 1, 2.0, 2)
+    policy.on_enqueue(unread)
+    policy.on_dispatch(unread)
+    assert policy.counter("a") == pytest.approx(220)
+
+
+def test_fair_share_tokens_falls_back_to_occupancy_without_usage() -> None:
+    policy = FairSharePolicy("tokens")
+    item = QueuedRequest("a", 1, 0.0, 1, TokenCount(10, 5))
+    policy.on_enqueue(item)
+    policy.on_dispatch(item)
+    policy.on_usage(item, None)
+    assert policy.cost == "occupancy"
+    policy.on_done(item, 2.0)
+    # From now on slot-seconds: the measured 2 s replaces the 20-token guess.
+    assert policy.counter("a") == pytest.approx(2.0)

@@ -17,6 +17,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_CONFIG = ROOT / "envoy" / "envoy.yaml"
+POOL_CONFIG = ROOT / "envoy" / "envoy-pool.yaml"
 JWT_CONFIG = ROOT / "envoy" / "envoy-jwt.yaml"
 
 
@@ -37,14 +38,30 @@ def bundled_config(
 ) -> dict[str, Any]:
     """envoy/envoy.yaml (or another bundled `source`) as shipped, moved onto ephemeral
     ports; every processor port (several replicas) is an endpoint of the ext_proc cluster."""
-    config: dict[str, Any] = yaml.safe_load(source.read_text())
+    ports = {"workload_extproc": [extproc_port, *more_extproc_ports], "backend": [backend_port]}
+    return _shipped(source, ports, filter_overrides)
+
+
+def pool_config(
+    extproc_port: int, endpoint_ports: list[int], **filter_overrides: Any
+) -> dict[str, Any]:
+    """envoy/envoy-pool.yaml as shipped, on ephemeral ports; the model servers on
+    `endpoint_ports` (127.0.0.1) are the pool cluster's endpoints."""
+    ports = {"workload_extproc": [extproc_port], "pool": endpoint_ports}
+    return _shipped(POOL_CONFIG, ports, filter_overrides)
+
+
+def _shipped(
+    path: Path, ports: dict[str, list[int]], filter_overrides: dict[str, Any]
+) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(path.read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = 0
     (listener,) = config["static_resources"]["listeners"]
     listener["address"]["socket_address"]["port_value"] = 0
-    ports = {"workload_extproc": [extproc_port, *more_extproc_ports], "backend": [backend_port]}
     for cluster in config["static_resources"]["clusters"]:
         endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
-        template = endpoints.pop()
+        template = endpoints[0]
+        endpoints.clear()
         for port in ports[cluster["name"]]:
             endpoint = copy.deepcopy(template)
             endpoint["endpoint"]["address"]["socket_address"]["port_value"] = port
