@@ -7,9 +7,10 @@ PROTOS := $(shell find protos -name '*.proto')
 GENERATED := extproc/api/v1/registry_pb2.py
 CAPACITY ?= static
 REPLICAS ?= 1
+ENDPOINTS ?= 0
 ARGS ?=
 
-.PHONY: all install protos run test lint format fairness-report demo-fairness bench bench-ablation clean
+.PHONY: all install protos run test lint format fairness-report demo-fairness pool-report bench bench-ablation clean
 
 all: install
 
@@ -28,9 +29,9 @@ protos: $(GENERATED)
 $(GENERATED): $(PROTOS) protos/generate.py $(STAMP)
 	$(BIN)/python protos/generate.py .
 
-# make run CAPACITY=metrics|adaptive REPLICAS=2 ARGS='--policy fair-share'
+# make run CAPACITY=metrics|adaptive REPLICAS=2 ARGS='--policy fair-share'; make run ENDPOINTS=3 (pool mode)
 run: install
-	CAPACITY=$(CAPACITY) REPLICAS=$(REPLICAS) bash envoy/run-local.sh $(ARGS)
+	CAPACITY=$(CAPACITY) REPLICAS=$(REPLICAS) ENDPOINTS=$(ENDPOINTS) bash envoy/run-local.sh $(ARGS)
 
 # The shared-registry tests start their own redis-server (Debian's package).
 test: install
@@ -56,6 +57,9 @@ demo-fairness: install
 
 fairness-report: install
 	$(BIN)/python docs/fairness_report.py
+
+pool-report: install
+	$(BIN)/python docs/pool_report.py
 
 lint: install
 	$(BIN)/ruff check extproc tests protos docs

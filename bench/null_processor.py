@@ -1,7 +1,9 @@
 """The cheapest possible ext_proc processor: answers every phase unchanged.
 
 The baseline of `make bench`: whatever workload-extproc costs beyond this is
-the price of its tracking, queueing and policy.
+the price of its tracking, queueing and policy. In full-duplex mode (told by
+the stream's `protocol_config`, as the service does) it answers the request
+headers at once and echoes every body chunk as a `streamed_response`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
@@ -25,12 +28,30 @@ ANSWERS = {
 }
 
 
+FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+
+
 class NullProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     async def Process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        duplex = False
         async for message in requests:
-            answer = ANSWERS.get(message.WhichOneof("request") or "")
+            phase = message.WhichOneof("request") or ""
+            if phase == "request_headers":
+                duplex = message.protocol_config.request_body_mode == FULL_DUPLEX
+            if duplex and phase.endswith("_body"):
+                yield echo(phase, getattr(message, phase))
+                continue
+            answer = ANSWERS.get(phase)
             if answer is not None:
                 yield answer
+
+
+def echo(phase: str, chunk: Any) -> Any:
+    answer = pb.ProcessingResponse()
+    streamed = getattr(answer, phase).response.body_mutation.streamed_response
+    streamed.body = chunk.body
+    streamed.end_of_stream = chunk.end_of_stream
+    return answer
 
 
 async def main(address: str) -> None:

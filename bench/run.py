@@ -6,7 +6,13 @@ One run, one machine, one Envoy build and the same processing modes:
   (c) Envoy + workload-extproc, capacity unlimited, 20 workloads;
   (d) the same with --max-concurrency 4, so requests queue;
   (e) as (c) with the shared registry on a local redis-server (--registry redis://);
-  (f) two replicas of (e), both in Envoy's ext_proc cluster.
+  (f) two replicas of (e), both in Envoy's ext_proc cluster;
+  (g) Envoy on envoy/envoy-pool.yaml (full-duplex bodies, override-host
+      routing) + the null processor, which echoes every body chunk;
+  (h) the same Envoy + workload-extproc as the endpoint picker of a
+      one-endpoint pool (pool mode: body read, endpoint picked, chunks echoed).
+(g) and (h) POST a small OpenAI-style JSON body; the others GET.
+BENCH_ONLY=gh runs only the named setups (results-gh.json/.md).
 The backend is a second Envoy answering with `direct_response`, so it is never
 the bottleneck. For each: requests/s at saturation (wrk, 64 connections),
 p50/p99 latency at 25% of (b)'s saturation rate (wrk paced per connection), and
@@ -34,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import capacity  # noqa: E402
 from bench.processes import processors  # noqa: E402
-from tests.support.envoy import Envoy, bundled_config  # noqa: E402
+from tests.support.envoy import Envoy, bundled_config, pool_config  # noqa: E402
 from tests.support.process import free_port  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 
@@ -65,9 +71,17 @@ def backend_config(port: int) -> dict[str, Any]:
                     "domains": ["*"],
                     "routes": [
                         {
+                            # A model server's metrics page, for pool mode's scrapes.
+                            "match": {"path": "/metrics"},
+                            "direct_response": {
+                                "status": 200,
+                                "body": {"inline_string": "vllm:num_requests_waiting 0\n"},
+                            },
+                        },
+                        {
                             "match": {"prefix": "/"},
                             "direct_response": {"status": 200, "body": {"inline_string": "ok"}},
-                        }
+                        },
                     ],
                 }
             ]
@@ -123,8 +137,11 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def wrk(url: str, connections: int, delay_ms: float = 0.0) -> dict[str, float]:
-    env = {**os.environ, "WRK_DELAY_MS": f"{delay_ms:.3f}"}
+BODY = '{"model": "m", "prompt": "Say something about fair queuing.", "max_tokens": 16}'
+
+
+def wrk(url: str, connections: int, delay_ms: float = 0.0, body: str = "") -> dict[str, float]:
+    env = {**os.environ, "WRK_DELAY_MS": f"{delay_ms:.3f}", "WRK_BODY": body}
     threads = min(2, connections)
     command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{SECONDS}s", "--latency"]
     output = subprocess.run(
@@ -146,6 +163,8 @@ class Setup:
     command: list[str] | None
     with_ext_proc: bool = True
     replicas: int = 1
+    pool: bool = False
+    """envoy-pool.yaml with the backend as the pool's one endpoint; POST with BODY."""
 
 
 async def measure(setup: Setup, paced_rps: float | None) -> tuple[Measurement, float]:
@@ -153,21 +172,28 @@ async def measure(setup: Setup, paced_rps: float | None) -> tuple[Measurement, f
     backend = Envoy(backend_config(backend_port), concurrency=1)
     await backend.start()
     try:
-        async with processors(setup.command, setup.replicas) as (ports, pids):
-            config = proxy_config(ports, backend_port, setup.with_ext_proc)
+        command = setup.command and [
+            c.replace("{endpoint}", f"127.0.0.1:{backend_port}") for c in setup.command
+        ]
+        async with processors(command, setup.replicas) as (ports, pids):
+            if setup.pool:
+                config = pool_config(ports[0], [backend_port])
+            else:
+                config = proxy_config(ports, backend_port, setup.with_ext_proc)
             proxy = Envoy(config, concurrency=1)
             await proxy.start()
             url = f"http://127.0.0.1:{proxy.port}/"
+            body = BODY if setup.pool else ""
             try:
-                wrk(url, 16)  # warm up
+                wrk(url, 16, 0.0, body)  # warm up
                 before = cpu_seconds(pids)
                 loop = asyncio.get_running_loop()
-                saturated = await loop.run_in_executor(None, wrk, url, 64)
+                saturated = await loop.run_in_executor(None, wrk, url, 64, 0.0, body)
                 cpu = cpu_seconds(pids) - before
                 target = paced_rps or saturated["rps"] * 0.25
                 connections = 10
                 delay = max(connections * 1000 / target - 1.0, 0.0)
-                paced = await loop.run_in_executor(None, wrk, url, connections, delay)
+                paced = await loop.run_in_executor(None, wrk, url, connections, delay, body)
             finally:
                 await proxy.stop()
     finally:
@@ -197,6 +223,8 @@ async def main(only: list[str]) -> int:
             await compare(redis.url)
         finally:
             await redis.close()
+    if os.environ.get("BENCH_ONLY"):
+        return 0  # a partial proxy run: the capacity comparison stays as it was
     return await capacity.main()
 
 
@@ -227,34 +255,60 @@ async def compare(redis_url: str) -> int:
         ),
         "e": Setup("(e) workload-extproc, --registry redis", shared),
         "f": Setup("(f) two replicas, --registry redis", shared, replicas=2),
+        "g": Setup(
+            "(g) envoy-pool.yaml + null full-duplex processor",
+            [python, str(ROOT / "bench" / "null_processor.py"), "{address}"],
+            pool=True,
+        ),
+        "h": Setup(
+            "(h) envoy-pool.yaml + workload-extproc, pool mode",
+            # The bench backend answers at once: its queue never grows, so credit for
+            # requests sent since the last scrape must not hold requests back here.
+            [*extproc, "--endpoints", "{endpoint}", "--waiting-threshold", "1000000"],
+            pool=True,
+        ),
     }
+    only = os.environ.get("BENCH_ONLY")
+    if only:
+        setups = {key: setup for key, setup in setups.items() if key in only}
     runs: dict[str, list[Measurement]] = {key: [] for key in setups}
     paced_rps: float | None = None
     for repeat in range(REPEATS):
         for key, setup in setups.items():
             measurement, errors = await measure(setup, paced_rps)
-            if key == "b" and paced_rps is None:
+            if key in "bg" and paced_rps is None:
                 paced_rps = measurement.saturation_rps * 0.25
             runs[key].append(measurement)
             print(f"run {repeat + 1}: {measurement} non-2xx={errors:.0f}", flush=True)
     results = {key: median(r) for key, r in runs.items()}
-    a, b, c, d, e = (results[k] for k in "abcde")
-    summary = {
+    summary: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "python": platform.python_version(),
         "seconds_per_measurement": SECONDS,
         "repeats": REPEATS,
         "paced_rps": paced_rps,
         "results": {k: asdict(v) for k, v in results.items()},
-        "c_over_b_rps": c.saturation_rps / b.saturation_rps,
-        "c_minus_a_p50_ms": c.p50_ms - a.p50_ms,
-        "d_rps": d.saturation_rps,
-        "e_over_c_rps": e.saturation_rps / c.saturation_rps,
-        "e_minus_c_p50_ms": e.p50_ms - c.p50_ms,
     }
-    (ROOT / "bench" / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if set("abcde") <= set(results):
+        a, b, c, d, e = (results[k] for k in "abcde")
+        summary |= {
+            "c_over_b_rps": c.saturation_rps / b.saturation_rps,
+            "c_minus_a_p50_ms": c.p50_ms - a.p50_ms,
+            "d_rps": d.saturation_rps,
+            "e_over_c_rps": e.saturation_rps / c.saturation_rps,
+            "e_minus_c_p50_ms": e.p50_ms - c.p50_ms,
+        }
+    if set("gh") <= set(results):
+        g, h = results["g"], results["h"]
+        summary |= {
+            "h_over_g_rps": h.saturation_rps / g.saturation_rps,
+            "h_minus_g_p50_ms": h.p50_ms - g.p50_ms,
+        }
+    # A partial run (BENCH_ONLY) must not overwrite the full results.
+    stem = f"results-{only}" if only else "results"
+    (ROOT / "bench" / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = render(summary, results)
-    (ROOT / "bench" / "results.md").write_text(table)
+    (ROOT / "bench" / f"{stem}.md").write_text(table)
     print(table)
     return 0
 
@@ -273,13 +327,21 @@ def render(summary: dict[str, Any], results: dict[str, Measurement]) -> str:
         lines.append(
             f"| {m.name} | {m.saturation_rps:,.0f} | {m.p50_ms:.2f} | {m.p99_ms:.2f} | {cpu} |"
         )
-    lines += [
-        "",
-        f"(c) reaches {summary['c_over_b_rps']:.0%} of (b)'s requests/s; its p50 is "
-        f"{summary['c_minus_a_p50_ms']:+.2f} ms from (a)'s. The Redis registry (e) runs at "
-        f"{summary['e_over_c_rps']:.0%} of (c)'s requests/s, p50 "
-        f"{summary['e_minus_c_p50_ms']:+.2f} ms.",
-    ]
+    if "c_over_b_rps" in summary:
+        lines += [
+            "",
+            f"(c) reaches {summary['c_over_b_rps']:.0%} of (b)'s requests/s; its p50 is "
+            f"{summary['c_minus_a_p50_ms']:+.2f} ms from (a)'s. The Redis registry (e) runs at "
+            f"{summary['e_over_c_rps']:.0%} of (c)'s requests/s, p50 "
+            f"{summary['e_minus_c_p50_ms']:+.2f} ms.",
+        ]
+    if "h_over_g_rps" in summary:
+        lines += [
+            "",
+            f"Pool mode (h) reaches {summary['h_over_g_rps']:.0%} of the null full-duplex "
+            f"processor's (g) requests/s (target >= 85%); p50 "
+            f"{summary['h_minus_g_p50_ms']:+.2f} ms.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -18,8 +18,23 @@ case "${CAPACITY:-static}" in
   *) echo "CAPACITY must be static, metrics or adaptive" >&2; exit 2 ;;
 esac
 
-"$BIN/extproc" demo-backend --listen 127.0.0.1:8000 --concurrency 4 &
 CONFIG=envoy/envoy.yaml
+if [ "${ENDPOINTS:-0}" = 3 ]; then
+  # make run ENDPOINTS=3: workload-extproc as the pool's endpoint picker. Three demo
+  # model servers of different speeds (1x, 2x, 4x) with a simulated prefix cache on
+  # :8001-8003; Envoy on envoy-pool.yaml (full-duplex bodies, routed to the
+  # endpoint the service picks); the service scrapes and picks among them.
+  for i in 1 2 3; do
+    "$BIN/extproc" demo-backend --listen "127.0.0.1:800$i" --concurrency 4 \
+      --speed "$((1 << (i - 1)))" --prefix-cache-blocks 256 &
+  done
+  GATE=(--endpoints 127.0.0.1:8001,127.0.0.1:8002,127.0.0.1:8003 --policy fair-share)
+  CONFIG=envoy/envoy-pool.yaml
+elif [ "${ENDPOINTS:-0}" != 0 ]; then
+  echo "ENDPOINTS must be 3 (or unset)" >&2; exit 2
+else
+  "$BIN/extproc" demo-backend --listen 127.0.0.1:8000 --concurrency 4 &
+fi
 if [ "${REPLICAS:-1}" = 2 ]; then
   # make run REPLICAS=2: two replicas share one Redis (started here on :6379) and
   # one fleet-wide limit; Envoy's ext_proc cluster gets the second as an endpoint.
@@ -76,6 +91,14 @@ workload-extproc is running behind Envoy. Try:
   curl -s http://127.0.0.1:9003/v1/workloads      # what the registry knows
   curl -s http://127.0.0.1:9003/metrics           # Prometheus metrics
   curl -s http://127.0.0.1:9003/v1/capacity       # the capacity gate (make run CAPACITY=metrics)
+
+With ENDPOINTS=3, see where each request went (x-served-by is the endpoint Envoy
+routed to, the one the service named in x-gateway-destination-endpoint):
+
+  for i in $(seq 6); do curl -s -o /dev/null -D - -H 'content-type: application/json' \
+    -d '{"model": "demo", "prompt": "the same long shared prefix, then question '$i'", "max_tokens": 8}' \
+    http://127.0.0.1:10000/v1/completions | grep -i x-served-by; done
+  curl -s http://127.0.0.1:9003/v1/endpoints      # picks, prefix hits, load per endpoint
 
 Watch every workload live, in another terminal:
 

@@ -10,7 +10,8 @@ from the file, its line).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ipaddress
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -35,6 +36,10 @@ from extproc.capacity.saturation import (
 from extproc.flowcontrol.fair_share import DEFAULT_WEIGHTS
 from extproc.flowcontrol.policies import POLICIES, PolicyOptions
 from extproc.flowcontrol.policy import ScoreWeights
+from extproc.pool.body import DEFAULT_MAX_BODY_BYTES
+from extproc.pool.endpoints import EndpointOptions
+from extproc.pool.scorers import ScorerWeights
+from extproc.workloads import WorkloadsFileError, WorkloadTable
 
 ENV_PREFIX = "EXTPROC_"
 
@@ -94,6 +99,8 @@ def public_view(settings: Settings) -> dict[str, object]:
         elif name == "registry":
             shown = redact_url(str(value))
         view[name.replace("_", "-")] = shown
+    if settings.workloads is not None:
+        view["workloads-table"] = WorkloadTable.read(settings.workloads).as_json()
     return view
 
 
@@ -144,6 +151,46 @@ class Settings(BaseSettings):
         pattern=r"[^,\s]",
         description="metrics: KV-cache gauge names, first found",
     )
+    endpoints: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="pool: model servers as IP:PORT, comma-separated or repeated; picking is "
+        "on whenever endpoints are configured",
+    )
+    endpoints_dns: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="pool: NAME:PORT whose every A/AAAA record is an endpoint (a headless "
+        "Service), re-resolved periodically; repeatable",
+    )
+    endpoints_dns_interval: float = Field(
+        5.0, gt=0, description="pool: seconds between DNS resolutions"
+    )
+    inference_pool: str | None = Field(
+        None,
+        pattern=r"^([a-z0-9-]+/)?[a-z0-9.-]+$",
+        description="pool: [NAMESPACE/]NAME of a Kubernetes InferencePool whose ready Pods "
+        "are the endpoints (in-cluster credentials or KUBECONFIG)",
+    )
+    picker: Literal["round-robin", "least-loaded", "scored"] = Field(
+        "scored", description="pool: how the endpoint is chosen"
+    )
+    scorers: str = Field(
+        "queue=2,kv-cache=2,prefix=3", description="pool: weights of the scored picker"
+    )
+    endpoint_max_in_flight: int = Field(
+        0, ge=0, description="pool: requests in flight per endpoint at most; 0 = no ceiling"
+    )
+    endpoint_metrics_path: str = Field(
+        "/metrics", pattern=r"^/", description="pool: each endpoint's Prometheus page"
+    )
+    endpoint_scrape_interval: float = Field(
+        0.1, gt=0, le=60, description="pool: seconds between scrapes of each endpoint"
+    )
+    endpoint_stale: float = Field(
+        1.0,
+        gt=0,
+        description="pool: readings older than this are unknown (in flight counts instead); "
+        "scrapes that cannot connect this long take the endpoint out, s",
+    )
     adaptive_min_limit: int = Field(3, ge=1, description="adaptive: floor, and the probe's limit")
     adaptive_window: float = Field(0.5, gt=0, description="adaptive: seconds per latency window")
     adaptive_probe_interval: float = Field(
@@ -160,6 +207,12 @@ class Settings(BaseSettings):
     registry_lease: float = Field(
         5.0, gt=0, description="redis: a replica silent this long loses its slots, s"
     )
+    registry_replicas_hint: int = Field(
+        1,
+        ge=1,
+        description="redis: replicas expected; until its first sync with Redis a replica "
+        "takes --max-concurrency / this many slots",
+    )
     registry_prefix: str = Field("extproc", min_length=1, description="redis: key prefix")
     max_queue: int = Field(10_000, ge=0, description="requests waiting at once, all workloads")
     queue_timeout: float = Field(30.0, gt=0, le=3600, description="longest wait in the queue, s")
@@ -168,6 +221,25 @@ class Settings(BaseSettings):
         "default", description="requests with no workload header: use --default-workload, or 400"
     )
     default_workload: str = Field("default", min_length=1, max_length=128)
+    workload_header: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$",
+        description="take the workload id from this header, set by the gateway after "
+        "authentication; x-workload-context then only contributes a criticality",
+    )
+    workloads: Path | None = Field(
+        None, description="YAML table of workloads: weights, criticality bounds, caps, access"
+    )
+    workloads_reload_interval: float = Field(
+        1.0, gt=0, le=60, description="check the --workloads file for edits this often, s"
+    )
+    shed_below: int = Field(
+        0,
+        ge=0,
+        le=6,
+        description="while the backend is saturated, answer criticality below this 429 at "
+        "once instead of queueing; 0 = never",
+    )
     max_workloads: int = Field(100_000, ge=1, description="workloads tracked at once")
     workload_idle_ttl: float = Field(300.0, gt=0, description="forget a workload idle this long, s")
     on_registry_full: Literal["reject", "overflow"] = Field(
@@ -180,8 +252,17 @@ class Settings(BaseSettings):
     weight_rate: float = Field(0.2, ge=0, description="workload-aware: weight of the rate penalty")
     wait_saturation: float = Field(60.0, gt=0, description="workload-aware: wait term cap, s")
     rate_saturation: float = Field(100.0, gt=0, description="workload-aware: rate cap, req/s")
-    fair_share_cost: Literal["requests", "occupancy"] = Field(
-        "occupancy", description="fair-share: charge per request, or per slot-second"
+    fair_share_cost: Literal["requests", "occupancy", "tokens"] = Field(
+        "occupancy",
+        description="fair-share: charge per request, per slot-second, or per token (input + "
+        "2 x output; needs full-duplex bodies, else falls back to occupancy)",
+    )
+    max_body_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES,
+        ge=0,
+        le=1 << 30,
+        description="full-duplex bodies: read the OpenAI JSON request body up to this size; "
+        "a larger one is forwarded unchanged and picked without its prompt",
     )
     criticality_weights: str = Field(
         ",".join(f"{w:g}" for w in DEFAULT_WEIGHTS),
@@ -220,6 +301,39 @@ class Settings(BaseSettings):
     def _split_urls(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("endpoints", "endpoints_dns", mode="before")
+    @classmethod
+    def _split_endpoints(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            return [p.strip() for item in value for p in str(item).split(",") if p.strip()]
+        return value
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoint_addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            host, _ = parse_address(address)
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"expected IP:PORT, got {address!r}") from None
+        return value
+
+    @field_validator("endpoints_dns")
+    @classmethod
+    def _dns_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            parse_address(name)
+        return value
+
+    @field_validator("scorers")
+    @classmethod
+    def _scorers(cls, value: str) -> str:
+        ScorerWeights.parse(value)
         return value
 
     @field_validator("backend_metrics_url")
@@ -262,10 +376,27 @@ class Settings(BaseSettings):
             raise ValueError(f"no such file: {value}")
         return value
 
+    @field_validator("workloads")
+    @classmethod
+    def _workloads_table(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                WorkloadTable.read(value)
+            except WorkloadsFileError as error:
+                raise ValueError(str(error)) from None
+        return value
+
     @model_validator(mode="after")
     def _settings_that_go_together(self) -> Settings:
         if self.capacity == "metrics" and not self.backend_metrics_url:
             raise ValueError("--capacity metrics needs at least one --backend-metrics-url")
+        if self.capacity == "metrics" and self.max_concurrency == 0:
+            # Stale metrics (an overloaded server answering /metrics slowly) hand
+            # control to this limit: unlimited would flood the backend then.
+            raise ValueError(
+                "--capacity metrics needs --max-concurrency: its ceiling, and the limit "
+                "when every endpoint's metrics go stale"
+            )
         if self.registry_lease < 3 * self.registry_sync_interval:
             raise ValueError("--registry-lease must be at least 3 x --registry-sync-interval")
         stale, interval = self.backend_metrics_stale, self.backend_metrics_interval
@@ -300,6 +431,17 @@ class Settings(BaseSettings):
             ),
             cost=self.fair_share_cost,
             criticality_weights=tuple(float(w) for w in self.criticality_weights.split(",")),
+        )
+
+    @property
+    def endpoints_configured(self) -> bool:
+        """Endpoint picking is on: the service says where each request goes."""
+        return bool(self.endpoints or self.endpoints_dns or self.inference_pool)
+
+    def endpoint_options(self) -> EndpointOptions:
+        return EndpointOptions(
+            saturation=replace(self.saturation_options(), stale_after=self.endpoint_stale),
+            max_in_flight=self.endpoint_max_in_flight,
         )
 
     def saturation_options(self) -> SaturationOptions:

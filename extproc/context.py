@@ -7,6 +7,16 @@ Order of precedence:
    Extension's header), criticality 3;
 3. neither: the configured default workload, or an error when none is set.
 
+With an identity header (`--workload-header NAME`, set by the gateway after
+authentication) the id comes from that header alone, and `x-workload-context`
+only contributes its `criticality` (its `workload_id`, and the fairness-id
+header, are ignored): the client can no longer choose whose share it uses.
+
+Reserved ids: `overflow` (the registry's shared workload), `other` (the
+metrics' aggregate of the less busy workloads) and the default workload's
+name are internal. A request naming one is refused (400), so it cannot merge
+into their counts or series.
+
 Anything malformed raises `ContextError`, which the server answers with a 400.
 A bad header is never turned into a fresh workload: that would let every
 request mint a registry entry and jump the queue as a newcomer.
@@ -16,7 +26,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 WORKLOAD_CONTEXT_HEADER = "x-workload-context"
 FAIRNESS_ID_HEADER = "x-gateway-inference-fairness-id"
@@ -25,6 +35,8 @@ MAX_ID_BYTES = 128
 MIN_CRITICALITY = 1
 MAX_CRITICALITY = 5
 DEFAULT_CRITICALITY = 3
+OVERFLOW_WORKLOAD = "overflow"
+OTHER_WORKLOADS = "other"
 
 # C0/C1 controls, format characters (bidi overrides, zero-width), line and
 # paragraph separators, lone surrogates: anything that could forge or hide a
@@ -36,6 +48,8 @@ _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 class WorkloadContext:
     workload_id: str
     criticality: int = DEFAULT_CRITICALITY
+    claimed: bool = field(default=False, compare=False)
+    """The request named its criticality (the workloads table clamps claims)."""
 
 
 class ContextError(ValueError):
@@ -48,26 +62,62 @@ class ContextError(ValueError):
 
 
 class ContextParser:
-    def __init__(self, default_workload: str | None = "default") -> None:
+    def __init__(
+        self, default_workload: str | None = "default", identity_header: str | None = None
+    ) -> None:
         if default_workload is not None:
-            _check_id("--default-workload", "default workload", default_workload)
+            check_id("--default-workload", "default workload", default_workload)
         self._default = default_workload
+        self.identity_header = identity_header.lower() if identity_header else None
+        self._reserved = frozenset({OVERFLOW_WORKLOAD, OTHER_WORKLOADS, default_workload or ""})
+
+    @property
+    def headers(self) -> frozenset[str]:
+        """The headers `parse` reads."""
+        read = {WORKLOAD_CONTEXT_HEADER, FAIRNESS_ID_HEADER}
+        return frozenset(read if self.identity_header is None else read | {self.identity_header})
 
     def parse(self, headers: dict[str, list[bytes]]) -> WorkloadContext:
         """Headers by lower-case name, each with every value it was sent with."""
+        if self.identity_header is not None:
+            return self._parse_identified(headers, self.identity_header)
         context = headers.get(WORKLOAD_CONTEXT_HEADER)
         if context is not None:
-            return _parse_context(_single(WORKLOAD_CONTEXT_HEADER, context))
+            value = _context_object(_single(WORKLOAD_CONTEXT_HEADER, context))
+            workload_id = value.get("workload_id")
+            if not isinstance(workload_id, str):
+                raise ContextError(WORKLOAD_CONTEXT_HEADER, "workload_id must be a string")
+            return self._context(WORKLOAD_CONTEXT_HEADER, "workload_id", workload_id, value)
         fairness = headers.get(FAIRNESS_ID_HEADER)
         if fairness is not None:
             raw = _single(FAIRNESS_ID_HEADER, fairness)
             workload_id = _decode(FAIRNESS_ID_HEADER, raw)
-            return WorkloadContext(_check_id(FAIRNESS_ID_HEADER, "workload id", workload_id))
+            return self._context(FAIRNESS_ID_HEADER, "workload id", workload_id, {})
+        return self._missing(f"send {WORKLOAD_CONTEXT_HEADER} or {FAIRNESS_ID_HEADER}")
+
+    def _parse_identified(self, headers: dict[str, list[bytes]], header: str) -> WorkloadContext:
+        claims: dict[str, object] = {}
+        context = headers.get(WORKLOAD_CONTEXT_HEADER)
+        if context is not None:
+            claims = _context_object(_single(WORKLOAD_CONTEXT_HEADER, context))
+        identity = headers.get(header)
+        if identity is None:
+            missing = self._missing(f"the gateway did not set {header}")
+            return WorkloadContext(missing.workload_id, *_criticality(claims))
+        workload_id = _decode(header, _single(header, identity))
+        return self._context(header, "workload id", workload_id, claims)
+
+    def _context(
+        self, header: str, what: str, workload_id: str, claims: dict[str, object]
+    ) -> WorkloadContext:
+        check_id(header, what, workload_id)
+        if workload_id in self._reserved:
+            raise ContextError(header, f"{what} {workload_id!r} is reserved")
+        return WorkloadContext(workload_id, *_criticality(claims))
+
+    def _missing(self, hint: str) -> WorkloadContext:
         if self._default is None:
-            raise ContextError(
-                WORKLOAD_CONTEXT_HEADER,
-                f"missing: send {WORKLOAD_CONTEXT_HEADER} or {FAIRNESS_ID_HEADER}",
-            )
+            raise ContextError(self.identity_header or WORKLOAD_CONTEXT_HEADER, f"missing: {hint}")
         return WorkloadContext(self._default)
 
 
@@ -86,7 +136,7 @@ def _decode(header: str, raw: bytes) -> str:
         raise ContextError(header, "not valid UTF-8") from None
 
 
-def _parse_context(raw: bytes) -> WorkloadContext:
+def _context_object(raw: bytes) -> dict[str, object]:
     header = WORKLOAD_CONTEXT_HEADER
     text = _decode(header, raw)
     try:
@@ -95,10 +145,15 @@ def _parse_context(raw: bytes) -> WorkloadContext:
         raise ContextError(header, "not valid JSON") from None
     if not isinstance(value, dict):
         raise ContextError(header, "must be a JSON object")
-    workload_id = value.get("workload_id")
-    if not isinstance(workload_id, str):
-        raise ContextError(header, "workload_id must be a string")
-    criticality = value.get("criticality", DEFAULT_CRITICALITY)
+    return value
+
+
+def _criticality(claims: dict[str, object]) -> tuple[int, bool]:
+    """The claimed criticality (or the default) and whether one was claimed."""
+    if "criticality" not in claims:
+        return DEFAULT_CRITICALITY, False
+    criticality = claims["criticality"]
+    header = WORKLOAD_CONTEXT_HEADER
     # bool is an int in Python; `true` is not a criticality.
     if not isinstance(criticality, int) or isinstance(criticality, bool):
         raise ContextError(header, "criticality must be an integer")
@@ -107,10 +162,11 @@ def _parse_context(raw: bytes) -> WorkloadContext:
             header,
             f"criticality must be from {MIN_CRITICALITY} to {MAX_CRITICALITY}, got {criticality}",
         )
-    return WorkloadContext(_check_id(header, "workload_id", workload_id), criticality)
+    return criticality, True
 
 
-def _check_id(header: str, what: str, workload_id: str) -> str:
+def check_id(header: str, what: str, workload_id: str) -> str:
+    """`workload_id` if usable as a workload id, else ContextError naming `header`."""
     if not workload_id:
         raise ContextError(header, f"{what} must not be empty")
     try:

@@ -96,6 +96,14 @@ class Datastore(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class TokenCount:
+    """A request's tokens: its prompt and its answer."""
+
+    input: int
+    output: int
+
+
+@dataclass(frozen=True, slots=True)
 class QueuedRequest:
     """What a policy sees of a request waiting in the flow-control queue."""
 
@@ -105,6 +113,9 @@ class QueuedRequest:
     """Clock time at enqueue; the start of the request's queue wait."""
     seq: int
     """Arrival order across all workloads; the FCFS tie-break."""
+    tokens: TokenCount | None = None
+    """Estimated at enqueue from the request body (prompt length, max_tokens); None
+    when the body was not read."""
 
 
 class Policy(Protocol):
@@ -137,9 +148,62 @@ class Policy(Protocol):
 
     def on_done(self, item: QueuedRequest, service_time: float | None) -> None: ...
 
+    def on_usage(self, item: QueuedRequest, usage: TokenCount | None) -> None:
+        """A dispatched request's response completed, reporting its token usage (None:
+        the response carried none). At most once, before `on_done`."""
+        ...
+
     def forget(self, workload_id: str) -> None:
         """The registry forgot this idle workload; drop any account kept for it."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class PickRequest:
+    """What the endpoint picker may know of a request, beyond its workload."""
+
+    prompt: str | None = None
+    """The prompt text, for prefix-cache affinity; None when unknown."""
+    subset: frozenset[str] | None = None
+    """The allowed endpoints ("ip:port", the gateway's subset hint); None = the whole pool."""
+
+
+class EndpointPool(Protocol):
+    """The model servers a released request may go to, and which one it goes to.
+
+    With a pool the flow controller releases a request only when one of its
+    allowed endpoints has room, then asks `pick` where it goes (late binding).
+    Each dispatched request is accounted to one endpoint: `pick` charges the
+    primary, `move` re-accounts it to the one that actually served it,
+    `on_first_byte` and `on_release` report its life there. A pool whose room
+    grows by itself (a scrape) calls `wake`; one whose membership changed
+    (discovery, an endpoint died) calls `changed`, so queued requests with no
+    eligible endpoint left are answered rather than held.
+    """
+
+    def bind(self, wake: Callable[[], None], changed: Callable[[], None]) -> None: ...
+
+    def ineligible(self, pick: PickRequest | None) -> str | None:
+        """Why no ready endpoint is allowed for this request, or None when some is."""
+        ...
+
+    def has_room(self, pick: PickRequest | None) -> bool:
+        """Some ready endpoint allowed for this request can take one more now."""
+        ...
+
+    def pick(self, pick: PickRequest | None) -> tuple[str, ...]:
+        """Primary ("ip:port", charged one request in flight), then up to two fallbacks.
+
+        Called only after `has_room` said yes for the same request."""
+        ...
+
+    def move(self, old: str, new: str) -> bool:
+        """Re-account one request in flight from `old` to `new`; False if `new` is unknown."""
+        ...
+
+    def on_first_byte(self, address: str, seconds: float) -> None: ...
+
+    def on_release(self, address: str, started: bool = True) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

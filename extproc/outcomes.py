@@ -14,9 +14,13 @@ class Outcome(enum.Enum):
 
     DISPATCHED = "dispatched"
     REJECTED_QUEUE_FULL = "queue-full"
+    REJECTED_WORKLOAD_LIMIT = "workload-limit"
+    REJECTED_SHED = "shed"
     EVICTED_QUEUE_TIMEOUT = "queue-timeout"
     EVICTED_CLIENT_GONE = "client-gone"
     REJECTED_SHUTDOWN = "shutdown"
+    REJECTED_NO_ENDPOINT = "no-endpoint"
+    """Endpoint picking is on and no ready endpoint is allowed for the request."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,16 +42,29 @@ class Rejection:
 
 _FLOW_REJECTIONS = {
     Outcome.REJECTED_QUEUE_FULL: (429, "the queue is full; retry later"),
+    Outcome.REJECTED_WORKLOAD_LIMIT: (429, "this workload has all the requests it may queue"),
+    Outcome.REJECTED_SHED: (429, "the backend is saturated and this criticality is shed"),
     Outcome.EVICTED_QUEUE_TIMEOUT: (503, "waited too long in the queue for capacity"),
     Outcome.REJECTED_SHUTDOWN: (503, "the flow-control service is shutting down"),
+    Outcome.REJECTED_NO_ENDPOINT: (503, "no ready endpoint is eligible for this request"),
     # Nobody is left to read it; defined so every outcome has an answer.
     Outcome.EVICTED_CLIENT_GONE: (499, "the client went away while queued"),
 }
 
 
-def rejection_for(outcome: Outcome, retry_after: int = 1) -> Rejection:
+def rejection_for(outcome: Outcome, retry_after: int = 1, detail: str = "") -> Rejection:
     """The response for a request the queue did not dispatch."""
     status, text = _FLOW_REJECTIONS[outcome]
+    if outcome is Outcome.REJECTED_NO_ENDPOINT:
+        # The gateway's answer to a client: JSON, naming what was missing.
+        body = {"error": "no_eligible_endpoint", "detail": detail or text}
+        return Rejection(
+            status=status,
+            reason=outcome.value,
+            body=json.dumps(body).encode() + b"\n",
+            content_type="application/json",
+            retry_after=retry_after,
+        )
     return Rejection(
         status=status,
         reason=outcome.value,
@@ -63,6 +80,17 @@ def registry_full(retry_after: int = 1) -> Rejection:
         reason="registry-full",
         body=b"registry-full: too many workloads are tracked; retry later\n",
         retry_after=retry_after,
+    )
+
+
+def workload_not_allowed(workload_id: str) -> Rejection:
+    """403 for a workload the operator's table does not serve (`allow: false`)."""
+    body = {"error": "workload_not_allowed", "workload_id": workload_id}
+    return Rejection(
+        status=403,
+        reason="not-allowed",
+        body=json.dumps(body).encode() + b"\n",
+        content_type="application/json",
     )
 
 

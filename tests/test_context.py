@@ -88,3 +88,58 @@ def test_missing_headers_rejected_when_no_default() -> None:
 def test_invalid_default_workload_refused() -> None:
     with pytest.raises(ContextError):
         ContextParser("bad\nid")
+
+
+@pytest.mark.parametrize("reserved", ["overflow", "other", "default"])
+@pytest.mark.parametrize("header", [CTX, FAIRNESS_ID_HEADER])
+def test_reserved_ids_are_refused(reserved: str, header: str) -> None:
+    value = f'{{"workload_id": "{reserved}"}}' if header == CTX else reserved
+    with pytest.raises(ContextError, match="is reserved") as error:
+        parse({header: [value.encode()]})
+    assert error.value.header == header
+
+
+def test_a_renamed_default_workload_is_reserved_and_default_is_free() -> None:
+    parser = ContextParser("anonymous")
+    assert parser.parse({CTX: [b'{"workload_id": "default"}']}) == WorkloadContext("default")
+    with pytest.raises(ContextError, match="reserved"):
+        parser.parse({CTX: [b'{"workload_id": "anonymous"}']})
+
+
+IDENTITY = "x-tenant-id"
+
+
+def identified(headers: dict[str, list[bytes]], default: str | None = "default") -> WorkloadContext:
+    return ContextParser(default, identity_header="X-Tenant-Id").parse(headers)
+
+
+def test_identity_header_decides_the_workload_and_the_client_only_its_criticality() -> None:
+    forged = {CTX: [b'{"workload_id": "tenant-b", "criticality": 5}'], IDENTITY: [b"tenant-a"]}
+    context = identified(forged)
+    assert (context.workload_id, context.criticality, context.claimed) == ("tenant-a", 5, True)
+    fairness = {FAIRNESS_ID_HEADER: [b"tenant-b"], IDENTITY: [b"tenant-a"]}
+    assert identified(fairness) == WorkloadContext("tenant-a", 3)
+    assert not identified(fairness).claimed
+    assert ContextParser(identity_header="X-Tenant-Id").headers >= {IDENTITY, CTX}
+
+
+def test_identity_header_missing_is_the_default_workload_or_refused() -> None:
+    assert identified({CTX: [b'{"criticality": 2}']}) == WorkloadContext("default", 2)
+    with pytest.raises(ContextError, match="the gateway did not set x-tenant-id") as error:
+        identified({FAIRNESS_ID_HEADER: [b"tenant-b"]}, default=None)
+    assert error.value.header == IDENTITY
+
+
+@pytest.mark.parametrize(
+    ("headers", "problem"),
+    [
+        ({IDENTITY: [b"a", b"b"]}, "sent 2 times"),
+        ({IDENTITY: [b"overflow"]}, "reserved"),
+        ({IDENTITY: [b""]}, "must not be empty"),
+        ({IDENTITY: [b"a"], CTX: [b'{"criticality": 9}']}, "criticality must be from 1 to 5"),
+        ({IDENTITY: [b"a"], CTX: [b"[]"]}, "must be a JSON object"),
+    ],
+)
+def test_identity_header_errors(headers: dict[str, list[bytes]], problem: str) -> None:
+    with pytest.raises(ContextError, match=problem):
+        identified(headers)

@@ -6,8 +6,10 @@ Per endpoint (`ServerLoad`; the endpoint picker keeps one per endpoint too)
   W, running R (when exported) and KV-cache use. Between scrapes the service
   knows, live and exactly, its own requests to that server: I in flight
   (dispatched, not completed) and B of them started (their first response
-  byte came back, so the server ran them; a request that ends without one
-  never counted in B, so it is not taken out of it).
+  byte came back from the server -- `extproc.service` ignores replies Envoy
+  makes itself, such as a 503 on a refused connection -- so the server ran
+  them; a request that ends without one never counted in B, so it is not
+  taken out of it).
 - Slots S, the server's concurrency, learnt from the data (0 before any):
   a scrape with W = 0 says S >= R, and proves P = max(P, R). While the latest
   scrape showed no queue a first byte says S >= B, but only up to P + the
@@ -66,9 +68,6 @@ Failure modes
 - First byte only at the end (a non-streaming server behind a buffering
   proxy): B rises only with R at scrapes, so S ramps by up to the threshold
   per interval, as the old gate did at all times; steady state is unaffected.
-- Error responses Envoy makes itself (503 on a refused connection) must not
-  count as first bytes; `extproc.service` is to count only responses from
-  the backend (branch i16, `via_upstream`).
 - Foreign load is seen only by scrapes: other replicas dispatching in the
   same interval can each fill the same free slots (replicas x threshold).
 

@@ -16,7 +16,13 @@ import time
 
 import aiohttp
 
-from extproc.capacity.saturation import MetricsCapacity, MetricsError, parse_reading
+from extproc.capacity.saturation import (
+    MetricsCapacity,
+    MetricsError,
+    Reading,
+    SaturationOptions,
+    parse_reading,
+)
 
 MAX_PAGE_BYTES = 8 << 20
 """A vLLM page is ~100 KB; a larger one is a misconfigured URL, not read into memory."""
@@ -59,15 +65,26 @@ class Scraper:
         assert self._session is not None
         self._gate.begin_scrape(url)
         try:
-            async with self._session.get(url) as response:
-                if response.status != 200:
-                    raise MetricsError(f"HTTP {response.status}")
-                text = await _read_page(response)
-            reading = parse_reading(text, self._gate.options)
-        except (aiohttp.ClientError, TimeoutError, MetricsError, UnicodeDecodeError) as error:
+            reading = await read_metrics(self._session, url, self._gate.options)
+        except SCRAPE_ERRORS as error:
             self._gate.fail_scrape(url, str(error) or type(error).__name__)
             return
         self._gate.end_scrape(url, reading)
+
+
+SCRAPE_ERRORS = (aiohttp.ClientError, TimeoutError, MetricsError, UnicodeDecodeError)
+"""What a failed scrape raises: the endpoint's readings stop being fresh, nothing more."""
+
+
+async def read_metrics(
+    session: aiohttp.ClientSession, url: str, options: SaturationOptions
+) -> Reading:
+    """One scrape of a model server's Prometheus page; raises one of SCRAPE_ERRORS."""
+    async with session.get(url) as response:
+        if response.status != 200:
+            raise MetricsError(f"HTTP {response.status}")
+        text = await _read_page(response)
+    return parse_reading(text, options)
 
 
 async def _read_page(response: aiohttp.ClientResponse) -> str:

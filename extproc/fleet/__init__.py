@@ -2,7 +2,8 @@
 
 Each replica keeps an exact local registry and, every sync interval, runs one
 atomic Lua script (`fleet.lua`) that applies its deltas once, renews its lease,
-shares the fleet's slots max-min fairly and returns fleet-wide counters. Reads
+shares the fleet's slots max-min fairly and returns the fleet-wide counters of
+the workloads changed since its last sync. Reads
 never touch Redis; when Redis is away a replica serves from its local view and
 applies what it missed at the next sync.
 """

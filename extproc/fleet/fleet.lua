@@ -1,33 +1,61 @@
--- One replica's sync with the fleet, run atomically by Redis (see fleet.py).
+-- One replica's sync with the fleet, run atomically by Redis (see sync.py).
 --
--- 1. Apply this replica's batches of deltas (new requests, dispatches, queue
---    waits), each once: a batch whose reply was lost is sent again under its
---    own sequence number, and numbers already applied are skipped.
--- 2. Replace this replica's map of active requests, and renew its lease.
---    Replicas whose lease ran out are forgotten, with their active requests and
---    the capacity slots they held (not their sequence numbers: one that was
---    only cut off must not have a batch applied twice when it returns).
+-- 0. Each call carries the replica's sync number. A call numbered at or below
+--    the last one applied, or below the replica's fence (sync.py raises it
+--    before re-sending deltas whose reply was lost), is an old call that
+--    arrived late on a dead connection: it changes nothing and says so. So
+--    every delta is applied at most once, and a lost one is re-sent under a
+--    new number only once no older copy can land.
+-- 1. Apply this call's deltas (new requests, dispatches, queue waits).
+-- 2. Update this replica's map of active requests (only what changed), and
+--    renew its lease. Replicas whose lease ran out are forgotten, with their
+--    active requests and the slots they held (not their sync numbers: one that
+--    was only cut off must not have a call applied twice when it returns).
 -- 3. Fleet capacity (capacity > 0): share the slots among live replicas,
 --    max-min fair by demand (in flight + queued), the rest evenly as headroom.
---    A replica is granted at most what the others leave free, and keeps at
---    least what it has in flight; so the slots held never sum past capacity.
--- 4. Return the slots granted, the live replica count, and every workload's
---    fleet-wide counters, with the active requests of the *other* replicas.
+--    The replica may dispatch up to min(share, capacity - what the others
+--    hold): its grant. It holds max(grant, in flight, the limit it uses until
+--    this reply arrives): requests already in flight past the grant are a
+--    reservation the others must respect, but no licence to dispatch more, so
+--    a backlogged replica drains down to its share; and if this reply is lost
+--    the replica goes on under its old limit, which its holding covers. Each
+--    grant is computed against the others' holdings, each holding is at least
+--    its grant, so the grants recorded never sum past capacity, nor do the
+--    limits in force while every replica's lease holds.
+-- 4. Return the grant, the live replica count, and the workloads changed since
+--    the version this replica last saw (every workload when it saw none, or
+--    when forgotten workloads it has not heard of were pruned since): their
+--    fleet-wide counters, rate-window counters (the replica computes the rate
+--    as time passes), and the active requests of the *other* replicas.
+--    A sync costs O(changes + live replicas), not O(workloads).
 --
 -- All times are Redis's own clock, in ms, so replicas' clocks never disagree.
--- ARGV: prefix, replica, lease_ms, capacity, demand, in_flight,
---       rate_window_ms, ema_alpha, idle_ttl_ms, batches JSON, active JSON
---       batches: [[seq, {id: [new, dispatched, [waits...]]}], ...] in seq order
+-- ARGV: prefix, replica, lease_ms, capacity, demand, in_flight, rate_window_ms,
+--       ema_alpha, idle_ttl_ms, seq, deltas JSON {id: [new, dispatched, [waits]]},
+--       active JSON {id: n}, since (version last seen; -1: none), limit in force
 local P, me = ARGV[1], ARGV[2]
 local lease, capacity = tonumber(ARGV[3]), tonumber(ARGV[4])
 local demand, in_flight = tonumber(ARGV[5]), tonumber(ARGV[6])
 local window, alpha, idle = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local seq, since, using = tonumber(ARGV[10]), tonumber(ARGV[13]), tonumber(ARGV[14])
+local WORKLOADS, REPLICAS = P .. ':workloads', P .. ':replicas'
+local HELD, GRANT, DEMAND = P .. ':held', P .. ':grant', P .. ':demand'
+local SEQ, FENCE = P .. ':seq', P .. ':fence'
+local ACTIVE, CHANGED, GONE = P .. ':active-total', P .. ':changed', P .. ':gone'
+local VERSION, FLOOR = P .. ':version', P .. ':floor'
+
+-- 0. late calls change nothing
+local last = tonumber(redis.call('HGET', SEQ, me) or '-1')
+local fence = tonumber(redis.call('HGET', FENCE, me) or '-1')
+if seq <= last or seq <= fence then return {-1} end
+redis.call('HSET', SEQ, me, seq)
+
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local WORKLOADS, REPLICAS = P .. ':workloads', P .. ':replicas'
-local HELD, DEMAND, SEQ = P .. ':held', P .. ':demand', P .. ':seq'
+local version = redis.call('INCR', VERSION)
+local function touch(id) redis.call('ZADD', CHANGED, version, id) end
 
--- The sliding-window request rate of extproc/registry/rate.py, on hash fields st bs cur prev.
+-- The sliding-window rate of extproc/registry/rate.py, on hash fields st bs cur prev.
 local function roll(h)
   local elapsed = now - h.bs
   if elapsed < window then return end
@@ -38,58 +66,60 @@ local function roll(h)
   end
 end
 
-local function rate(h)
-  roll(h)
-  local age = now - h.st
-  if age < window then return h.cur * 1000 / math.max(age, math.min(1000, window)) end
-  return (h.prev * (1 - (now - h.bs) / window) + h.cur) * 1000 / window
-end
-
 local function counters(f)
   return {st = tonumber(f[1]) or now, bs = tonumber(f[2]) or now,
           cur = tonumber(f[3]) or 0, prev = tonumber(f[4]) or 0}
 end
 
--- 1. batches of deltas
-local function apply(deltas)
-  for id, d in pairs(deltas) do
-    local key = P .. ':w:' .. id
-    local f = redis.call('HMGET', key, 'st', 'bs', 'cur', 'prev', 'ema', 'dispatched')
-    local h = counters(f)
-    roll(h)
-    h.cur = h.cur + d[1]
-    local ema, seen = tonumber(f[5]), tonumber(f[6]) or 0
-    for _, wait in ipairs(d[3]) do
-      if seen == 0 or ema == nil then ema = wait else ema = ema + alpha * (wait - ema) end
-      seen = seen + 1
-    end
-    redis.call('HSET', key, 'st', h.st, 'bs', h.bs, 'cur', h.cur, 'prev', h.prev)
-    if ema ~= nil then redis.call('HSET', key, 'ema', string.format('%.9g', ema)) end
-    redis.call('HINCRBY', key, 'total', d[1])
-    redis.call('HINCRBY', key, 'dispatched', d[2])
-    redis.call('ZADD', WORKLOADS, now, id)
+-- 1. deltas
+for id, d in pairs(cjson.decode(ARGV[11])) do
+  local key = P .. ':w:' .. id
+  local f = redis.call('HMGET', key, 'st', 'bs', 'cur', 'prev', 'ema', 'dispatched')
+  local h = counters(f)
+  roll(h)
+  h.cur = h.cur + d[1]
+  local ema, seen = tonumber(f[5]), tonumber(f[6]) or 0
+  for _, wait in ipairs(d[3]) do
+    if seen == 0 or ema == nil then ema = wait else ema = ema + alpha * (wait - ema) end
+    seen = seen + 1
   end
-end
-local last = tonumber(redis.call('HGET', SEQ, me) or '-1')
-for _, batch in ipairs(cjson.decode(ARGV[10])) do
-  if batch[1] > last then
-    apply(batch[2])
-    last = batch[1]
-  end
-end
-redis.call('HSET', SEQ, me, last)
-
--- 2. this replica's active requests and lease; forget the dead
-local mine_key = P .. ':active:' .. me
-redis.call('DEL', mine_key)
-for id, n in pairs(cjson.decode(ARGV[11])) do
-  redis.call('HSET', mine_key, id, n)
+  redis.call('HSET', key, 'st', h.st, 'bs', h.bs, 'cur', h.cur, 'prev', h.prev)
+  if ema ~= nil then redis.call('HSET', key, 'ema', string.format('%.9g', ema)) end
+  redis.call('HINCRBY', key, 'total', d[1])
+  redis.call('HINCRBY', key, 'dispatched', d[2])
   redis.call('ZADD', WORKLOADS, now, id)
+  touch(id)
+end
+
+-- 2. active requests (the fleet's sum per workload kept alongside) and leases
+local function add_active(id, n)
+  if redis.call('HINCRBY', ACTIVE, id, n) <= 0 then redis.call('HDEL', ACTIVE, id) end
+  touch(id)
+end
+local mine_key = P .. ':active:' .. me
+local before, mine = {}, {}
+local old = redis.call('HGETALL', mine_key)
+for i = 1, #old, 2 do before[old[i]] = tonumber(old[i + 1]) end
+for id, n in pairs(cjson.decode(ARGV[12])) do
+  mine[id] = n
+  if n ~= before[id] then
+    add_active(id, n - (before[id] or 0))
+    redis.call('HSET', mine_key, id, n)
+  end
+  before[id] = nil
+  redis.call('ZADD', WORKLOADS, now, id)
+end
+for id, n in pairs(before) do
+  add_active(id, -n)
+  redis.call('HDEL', mine_key, id)
 end
 redis.call('ZADD', REPLICAS, now + lease, me)
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', REPLICAS, '-inf', '(' .. now)) do
+  local held = redis.call('HGETALL', P .. ':active:' .. dead)
+  for i = 1, #held, 2 do add_active(held[i], -tonumber(held[i + 1])) end
   redis.call('DEL', P .. ':active:' .. dead)
   redis.call('HDEL', HELD, dead)
+  redis.call('HDEL', GRANT, dead)
   redis.call('HDEL', DEMAND, dead)
   redis.call('ZREM', REPLICAS, dead)
 end
@@ -116,34 +146,55 @@ if capacity > 0 then
   for i, r in ipairs(live) do
     share[r] = share[r] + each + ((i <= extra) and 1 or 0)
   end
-  granted = math.max(math.min(share[me], capacity - others_held), in_flight)
-  redis.call('HSET', HELD, me, granted)
+  granted = math.max(0, math.min(share[me], capacity - others_held))
+  redis.call('HSET', GRANT, me, granted)
+  redis.call('HSET', HELD, me, math.max(granted, in_flight, using))
 end
 
--- 4. the fleet's view: idle workloads with nothing active are forgotten
+-- 4. idle workloads with nothing active are forgotten (a tombstone tells the
+-- replicas); tombstones older than the idle TTL are pruned, and a replica that
+-- last synced before the newest pruned one gets everything again.
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', WORKLOADS, '-inf', '(' .. (now - idle))) do
   redis.call('DEL', P .. ':w:' .. id)
   redis.call('ZREM', WORKLOADS, id)
+  redis.call('ZADD', GONE, now, id)
+  touch(id)
 end
-local others = {}
-for _, r in ipairs(live) do
-  if r ~= me then
-    local pairs_ = redis.call('HGETALL', P .. ':active:' .. r)
-    for i = 1, #pairs_, 2 do
-      others[pairs_[i]] = (others[pairs_[i]] or 0) + tonumber(pairs_[i + 1])
-    end
+local floor = tonumber(redis.call('GET', FLOOR) or '0')
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', GONE, '-inf', '(' .. (now - idle))) do
+  if not redis.call('ZSCORE', WORKLOADS, id) then
+    floor = math.max(floor, tonumber(redis.call('ZSCORE', CHANGED, id)))
+    redis.call('ZREM', CHANGED, id)
   end
+  redis.call('ZREM', GONE, id)
 end
-local out = {granted, #live}
-for _, id in ipairs(redis.call('ZRANGE', WORKLOADS, 0, -1)) do
-  local key = P .. ':w:' .. id
-  local f = redis.call('HMGET', key, 'st', 'bs', 'cur', 'prev', 'ema', 'total', 'dispatched')
-  local r = rate(counters(f))
+redis.call('SET', FLOOR, floor)
+
+local full = since < floor
+local ids
+if full then
+  ids = redis.call('ZRANGE', WORKLOADS, 0, -1)
+else
+  ids = redis.call('ZRANGEBYSCORE', CHANGED, '(' .. since, '+inf')
+end
+local out = {granted, #live, version, full and 1 or 0, now}
+for _, id in ipairs(ids) do
+  local f = redis.call('HMGET', P .. ':w:' .. id, 'st', 'bs', 'cur', 'prev', 'ema', 'total', 'dispatched')
   out[#out + 1] = id
-  out[#out + 1] = tonumber(f[6]) or 0
-  out[#out + 1] = tonumber(f[7]) or 0
-  out[#out + 1] = f[5] or '0'
-  out[#out + 1] = string.format('%.9g', r)
-  out[#out + 1] = others[id] or 0
+  if f[6] then
+    local h = counters(f)
+    roll(h)
+    local all = tonumber(redis.call('HGET', ACTIVE, id) or '0')
+    out[#out + 1] = tonumber(f[6])
+    out[#out + 1] = tonumber(f[7]) or 0
+    out[#out + 1] = f[5] or '0'
+    out[#out + 1] = h.st
+    out[#out + 1] = h.bs
+    out[#out + 1] = h.cur
+    out[#out + 1] = h.prev
+    out[#out + 1] = all - (mine[id] or 0)
+  else
+    for _ = 1, 8 do out[#out + 1] = -1 end  -- forgotten
+  end
 end
 return out

@@ -7,7 +7,15 @@ fleet sync (`fleet.FleetSync`) moves to and from Redis every sync interval:
   since the last sync, taken by the sync and put back if Redis fails, so no
   count is lost to an outage;
 - the fleet snapshot: every workload's fleet-wide counters as of the last
-  sync, with the active requests of the *other* replicas.
+  sync that changed them, with the active requests of the *other* replicas.
+  A sync brings only the workloads that changed (`apply_changes`); the
+  request rate is kept as the fleet's window counters and computed at read
+  time on Redis's clock, so it decays for an idle workload without a resend.
+
+Pending deltas are bounded through an outage: past `max_workloads` distinct
+workloads (a long outage while the local registry forgets idle ones), new
+ones are counted under the `overflow` workload, so no request goes uncounted
+and memory stays bounded.
 
 Reads combine them without a round trip: fleet totals plus this replica's
 pending deltas, the other replicas' active requests plus this replica's own
@@ -23,7 +31,8 @@ import threading
 from dataclasses import dataclass, field
 
 from extproc.contracts import Clock, WorkloadMetrics
-from extproc.registry.memory import InMemoryWorkloadRegistry
+from extproc.registry.memory import OVERFLOW_WORKLOAD, InMemoryWorkloadRegistry
+from extproc.registry.rate import WindowCounts
 
 MAX_WAITS_PER_SYNC = 32
 """Queue waits carried per workload per sync; the fleet's average is an EMA, so
@@ -37,7 +46,8 @@ class FleetCounts:
     total: int
     dispatched: int
     average_wait: float
-    rate: float
+    rate: WindowCounts
+    """On Redis's clock."""
     others_active: int
     """Active requests on the other replicas."""
 
@@ -63,6 +73,8 @@ class SharedWorkloadRegistry:
         self._pending: dict[str, Pending] = {}
         self._fleet: dict[str, FleetCounts] = {}
         self._synced_at: float | None = None
+        self._server_offset = 0.0
+        """Redis's clock minus ours, as of the last sync."""
 
     @property
     def max_workloads(self) -> int:
@@ -91,7 +103,11 @@ class SharedWorkloadRegistry:
     def _pending_for(self, workload_id: str) -> Pending:
         pending = self._pending.get(workload_id)
         if pending is None:
-            pending = self._pending[workload_id] = Pending()
+            if len(self._pending) >= self.local.max_workloads:
+                workload_id = OVERFLOW_WORKLOAD
+                pending = self._pending.get(workload_id)
+            if pending is None:
+                pending = self._pending[workload_id] = Pending()
         return pending
 
     # -- what the fleet sync moves
@@ -104,16 +120,27 @@ class SharedWorkloadRegistry:
     def restore_pending(self, pending: dict[str, Pending]) -> None:
         """A sync failed: its deltas go back in front of any recorded since."""
         with self._lock:
+            newer, self._pending = self._pending, {}
             for workload_id, delta in pending.items():
-                newer = self._pending.get(workload_id)
-                if newer is not None:
-                    delta.merge(newer)
-                self._pending[workload_id] = delta
+                self._pending_for(workload_id).merge(delta)
+            for workload_id, delta in newer.items():
+                self._pending_for(workload_id).merge(delta)
 
-    def apply_snapshot(self, fleet: dict[str, FleetCounts]) -> None:
+    def apply_changes(
+        self, changes: dict[str, FleetCounts | None], *, full: bool, server_time: float
+    ) -> None:
+        """A sync's reply: the workloads changed (None: forgotten), or all of them."""
         with self._lock:
-            self._fleet = fleet
-            self._synced_at = self._clock.now()
+            if full:
+                self._fleet = {}
+            for workload_id, counts in changes.items():
+                if counts is None:
+                    self._fleet.pop(workload_id, None)
+                else:
+                    self._fleet[workload_id] = counts
+            now = self._clock.now()
+            self._synced_at = now
+            self._server_offset = server_time - now
 
     @property
     def fresh(self) -> bool:
@@ -127,9 +154,10 @@ class SharedWorkloadRegistry:
         with self._lock:
             shared = self._fleet.get(workload_id) if self.fresh else None
             pending = self._pending.get(workload_id)
+            server_now = self._clock.now() + self._server_offset
         if shared is None:
             return local
-        return _combine(workload_id, shared, pending, local)
+        return _combine(workload_id, shared, pending, local, server_now)
 
     def get_request_rate(self, workload_id: str) -> float:
         metrics = self.get_metrics(workload_id)
@@ -138,10 +166,11 @@ class SharedWorkloadRegistry:
     def list_metrics(self) -> list[WorkloadMetrics]:
         locals_ = {m.workload_id: m for m in self.local.list_metrics()}
         with self._lock:
-            fleet = self._fleet if self.fresh else {}
+            fleet = dict(self._fleet) if self.fresh else {}
             pending = dict(self._pending)
+            server_now = self._clock.now() + self._server_offset
         return [
-            _combine(wid, fleet[wid], pending.get(wid), locals_.get(wid))
+            _combine(wid, fleet[wid], pending.get(wid), locals_.get(wid), server_now)
             if wid in fleet
             else locals_[wid]
             for wid in sorted(fleet.keys() | locals_.keys())
@@ -166,6 +195,7 @@ def _combine(
     shared: FleetCounts,
     pending: Pending | None,
     local: WorkloadMetrics | None,
+    server_now: float,
 ) -> WorkloadMetrics:
     new = pending.new if pending else 0
     dispatched = pending.dispatched if pending else 0
@@ -178,5 +208,5 @@ def _combine(
         active_requests=shared.others_active + (local.active_requests if local else 0),
         average_wait_time=average_wait,
         dispatched_count=shared.dispatched + dispatched,
-        request_rate=shared.rate,
+        request_rate=shared.rate.rate(server_now),
     )

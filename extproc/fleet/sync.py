@@ -3,23 +3,44 @@
 Every `interval` (default 100 ms) each replica runs one server-side script
 (`fleet.lua`, atomic; one round trip): it hands over its pending deltas and
 its map of active requests, renews its lease, asks for capacity slots, and
-gets back the fleet's counters for every workload. Policies then read that
-snapshot locally (`SharedWorkloadRegistry`), never Redis.
+gets back the fleet's counters for the workloads that changed since its last
+sync (all of them at its first). Policies then read that snapshot locally
+(`SharedWorkloadRegistry`), never Redis. A sync's cost follows what changed,
+not how many workloads the fleet knows.
 
 Fleet capacity: with `--max-concurrency C` the script shares C slots among
 the live replicas (max-min fair by demand, spare slots spread as headroom)
 and a replica dispatches only while it has fewer than its granted slots in
-flight. Grants are leases: a replica that stops syncing (killed, cut off) is
-forgotten `lease` seconds after its last sync, and its slots go back to the
-others. The slots granted never sum past C.
+flight. Requests it already has in flight beyond its grant, and the limit
+it uses until the reply arrives, are a reservation the others respect (no
+licence to dispatch more), so a backlogged replica drains down to its share
+when another arrives, and a lost reply cannot oversell. Grants are leases:
+a replica that stops syncing (killed, cut off) is forgotten `lease` seconds
+after its last sync, and its slots go back to the others. The grants
+recorded never sum past C, nor, while every replica's lease holds, do the
+limits in force. During a partition longer than a lease the cut-off replica
+uses its fallback while the others share all C: availability over strictness.
+
+The lease is timed locally from the moment the sync was *sent*, less a margin
+(one interval), so it ends before Redis's, which starts when the script runs.
+Before its first good sync a replica assumes `replicas` replicas
+(`--registry-replicas-hint`), not that it is alone.
 
 Redis trouble: a failed or slow sync logs once, counts an error and keeps the
 deltas for the next one; requests are served on the local view and readiness
-does not change. For `lease` seconds the replica keeps using the slots it
-held (Redis still counts them as its); after that, C divided by the last
-known number of replicas. When Redis answers again the next sync applies
-everything missed, and rewrites this replica's active requests, so the
-fleet's counts reconcile exactly.
+does not change. Until its lease ends the replica keeps using the slots it
+was granted (Redis still counts them as its); after that, C divided by the
+last known number of replicas, and the queue is woken when that is more.
+When Redis answers again the next sync applies everything missed, and
+rewrites this replica's active requests, so the fleet's counts reconcile
+exactly.
+
+Exactly once: each sync is numbered, and the script ignores a call numbered
+at or below the last it applied. A sync whose reply was lost may still be
+on its way to Redis; before its deltas are sent again, `fence.lua` raises the
+replica's fence to its number (so it can no longer be applied if it lands
+late) and says whether it was applied. So at most one sync is in doubt at a
+time, and none is ever applied twice.
 """
 
 from __future__ import annotations
@@ -35,7 +56,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 from redis import asyncio as aioredis
@@ -44,12 +64,16 @@ from redis.exceptions import RedisError
 
 from extproc.addresses import redact_url
 from extproc.capacity.static import Gate
-from extproc.contracts import CapacityStatus, Clock, FleetStatus
+from extproc.contracts import CapacityStatus, Clock, FleetStatus, TimerHandle
 from extproc.fleet.registry import FleetCounts, Pending, SharedWorkloadRegistry
+from extproc.registry.rate import WindowCounts
 
-SCRIPT = importlib.resources.files("extproc.fleet").joinpath("fleet.lua").read_text()
-Batch = tuple[int, dict[str, Any]]
-"""(sequence number, {workload id: [new, dispatched, [queue waits]]})"""
+_SCRIPTS = importlib.resources.files("extproc.fleet")
+SCRIPT = _SCRIPTS.joinpath("fleet.lua").read_text()
+FENCE_SCRIPT = _SCRIPTS.joinpath("fence.lua").read_text()
+LEAVE_SCRIPT = _SCRIPTS.joinpath("leave.lua").read_text()
+_ENTRY = 9
+"""Fields per workload in a sync's reply (see fleet.lua)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,26 +92,49 @@ class LeasedCapacity(Gate):
 
     name = "fleet"
 
-    def __init__(self, limit: int, clock: Clock, lease: float) -> None:
+    def __init__(
+        self, limit: int, clock: Clock, lease: float, *, margin: float = 0.0, replicas: int = 1
+    ) -> None:
+        """`replicas`: the fleet's size assumed until the first grant."""
         super().__init__()
         self.fleet_limit = limit
-        self._clock = clock
-        self._lease = lease
+        self.clock = clock
+        self._lease = lease - margin
         self._granted = 0
         self._valid_until = -math.inf
-        self._replicas = 1
+        self._replicas = max(replicas, 1)
+        self._expiry: TimerHandle | None = None
 
-    def grant(self, slots: int, replicas: int) -> None:
-        more = slots > self.limit
+    def grant(self, slots: int, replicas: int, sent_at: float) -> None:
+        """Slots granted by a sync sent at `sent_at` (on `clock`)."""
+        before = self.limit
         self._granted = slots
         self._replicas = max(replicas, 1)
-        self._valid_until = self._clock.now() + self._lease
-        if more:
+        self._valid_until = sent_at + self._lease
+        self._watch_expiry()
+        if self.limit > before:
+            self._wake()
+
+    def _watch_expiry(self) -> None:
+        # When the lease runs out the limit becomes the fallback, maybe more than
+        # the grant: nothing else would dispatch the queue then.
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        left = self._valid_until - self.clock.now()
+        if left > 0:
+            self._expiry = self.clock.call_later(left, self._expired)
+
+    def _expired(self) -> None:
+        self._expiry = None
+        if self.leased:  # fired a hair early
+            self._watch_expiry()
+        else:
             self._wake()
 
     @property
     def leased(self) -> bool:
-        return self._clock.now() <= self._valid_until
+        return self.clock.now() < self._valid_until
 
     @property
     def limit(self) -> int:
@@ -122,9 +169,13 @@ class FleetSync:
             socket_connect_timeout=max(0.5, 5 * options.interval),
         )
         self._script = self._redis.register_script(SCRIPT)
+        self._fence = self._redis.register_script(FENCE_SCRIPT)
+        self._leave = self._redis.register_script(LEAVE_SCRIPT)
         self._seq = 0
-        self._unacked: list[Batch] = []
-        """Batches whose sync may or may not have run in Redis: re-sent as they were."""
+        self._in_doubt: tuple[int, dict[str, Pending]] | None = None
+        """The one sync that may or may not have run in Redis (its reply was lost)."""
+        self._since = -1
+        """The fleet's version as of this replica's last sync; -1: ask for everything."""
         self._task: asyncio.Task[None] | None = None
         self._connected = False
         self._errors = 0
@@ -146,7 +197,7 @@ class FleetSync:
             self._task = None
         await self.sync()
         with contextlib.suppress(RedisError, OSError):
-            await self._leave()
+            await self._leave(args=[self.options.prefix, self.replica])
         await self._redis.aclose()
 
     def status(self) -> FleetStatus:
@@ -166,52 +217,62 @@ class FleetSync:
 
     async def sync(self) -> bool:
         """One round trip; False (deltas kept for the next one) when Redis failed."""
+        try:
+            if self._in_doubt is not None:
+                await self._settle()
+        except (RedisError, OSError) as error:
+            self._failed(error)
+            return False
         pending = self._registry.take_pending()
         self._seq += 1
-        batch = _batch(self._seq, pending)
+        sent_at = self._capacity.clock.now() if self._capacity is not None else 0.0
         try:
-            if self._unacked:
-                await self._settle_unacked()
-            reply = await self._script(args=self._arguments([*self._unacked, batch]))
+            reply = await self._script(args=self._arguments(pending))
         except (RedisError, OSError) as error:
             if _never_sent(error):
                 self._registry.restore_pending(pending)
             else:
-                self._unacked.append(batch)
+                self._in_doubt = (self._seq, pending)
             self._failed(error)
             return False
-        self._unacked = []
-        granted, replicas, fleet = _parse(reply)
-        self._registry.apply_snapshot(fleet)
+        if int(reply[0]) < 0:  # refused as late: cannot be, numbers only grow
+            self._registry.restore_pending(pending)
+            self._failed(RuntimeError(f"sync {self._seq} refused as already applied"))
+            return False
+        granted, replicas, version, full, server_ms = (int(v) for v in reply[:5])
+        changes = _parse(reply[5:], self.options.rate_window)
+        self._registry.apply_changes(changes, full=bool(full), server_time=server_ms / 1000)
+        self._since = version
         self._replicas = replicas
         self._synced_at = time.monotonic()
         if self._capacity is not None:
-            self._capacity.grant(granted, replicas)
+            self._capacity.grant(granted, replicas, sent_at)
         if not self._connected:
             self._connected = True
             self._log.info("fleet sync up", redis=redact_url(self.options.url), replicas=replicas)
         return True
 
-    async def _settle_unacked(self) -> None:
-        """Ask Redis which in-doubt batches it applied; fold the others into one.
+    async def _settle(self) -> None:
+        """Fence off the sync in doubt and learn whether it ran; if not, its deltas
+        go back in front of the pending ones, to be sent under a new number."""
+        assert self._in_doubt is not None
+        seq, pending = self._in_doubt
+        applied = int(await self._fence(args=[self.options.prefix, self.replica, seq]))
+        if applied < seq:
+            self._registry.restore_pending(pending)
+        self._in_doubt = None
 
-        Each sync is atomic and carries every earlier unacknowledged batch, so
-        what Redis applied is exactly the batches numbered up to its record.
-        The rest were never applied and can merge safely: the list stays short
-        however long Redis stays slow."""
-        record = await self._redis.hget(f"{self.options.prefix}:seq", self.replica)  # type: ignore[misc]
-        applied = int(record) if record is not None else -1
-        rest = [b for b in self._unacked if b[0] > applied]
-        self._unacked = [_fold(rest)] if rest else []
-
-    def _arguments(self, batches: list[Batch]) -> list[str | float]:
+    def _arguments(self, pending: dict[str, Pending]) -> list[str | float]:
         o = self.options
         in_flight, queued = self._demand()
         limit = self._capacity.fleet_limit if self._capacity is not None else 0
+        deltas = {wid: [p.new, p.dispatched, p.waits] for wid, p in pending.items()}
         return [
             o.prefix, self.replica, int(o.lease * 1000), limit,
             in_flight + queued, in_flight, int(o.rate_window * 1000), o.ema_alpha,
-            int(o.idle_ttl * 1000), json.dumps(batches), json.dumps(self._registry.active_counts()),
+            int(o.idle_ttl * 1000), self._seq, json.dumps(deltas),
+            json.dumps(self._registry.active_counts()), self._since,
+            self._capacity.limit if self._capacity is not None and self._capacity.leased else 0,
         ]  # fmt: skip
 
     def _failed(self, error: Exception) -> None:
@@ -224,33 +285,6 @@ class FleetSync:
             )
         self._connected = False
 
-    async def _leave(self) -> None:
-        p, me = self.options.prefix, self.replica
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(f"{p}:replicas", me)
-            pipe.hdel(f"{p}:held", me)
-            pipe.hdel(f"{p}:demand", me)
-            pipe.hdel(f"{p}:seq", me)
-            pipe.delete(f"{p}:active:{me}")
-            await pipe.execute()
-
-
-def _fold(batches: list[Batch]) -> Batch:
-    """Batches never applied, as one under the newest number."""
-    merged: dict[str, Pending] = {}
-    for _, deltas in batches:
-        for wid, (new, dispatched, waits) in deltas.items():
-            delta = Pending(new, dispatched, list(waits))
-            if wid in merged:
-                merged[wid].merge(delta)
-            else:
-                merged[wid] = delta
-    return _batch(batches[-1][0], merged)
-
-
-def _batch(seq: int, pending: dict[str, Pending]) -> Batch:
-    return seq, {wid: [p.new, p.dispatched, p.waits] for wid, p in pending.items()}
-
 
 def _never_sent(error: Exception) -> bool:
     """True when the sync failed before reaching Redis (its deltas can simply merge
@@ -260,20 +294,28 @@ def _never_sent(error: Exception) -> bool:
     )
 
 
-def _parse(reply: list[object]) -> tuple[int, int, dict[str, FleetCounts]]:
-    granted, replicas = int(reply[0]), int(reply[1])  # type: ignore[call-overload]
-    fleet: dict[str, FleetCounts] = {}
-    rest = reply[2:]
-    for i in range(0, len(rest), 6):
-        wid, total, dispatched, ema, rate, others = rest[i : i + 6]
-        fleet[_text(wid)] = FleetCounts(
+def _parse(entries: list[object], window: float) -> dict[str, FleetCounts | None]:
+    """The workloads a sync returned; None for those the fleet forgot."""
+    changes: dict[str, FleetCounts | None] = {}
+    for i in range(0, len(entries), _ENTRY):
+        wid, total, dispatched, ema, start, bucket, cur, prev, others = entries[i : i + _ENTRY]
+        if int(total) < 0:  # type: ignore[call-overload]
+            changes[_text(wid)] = None
+            continue
+        changes[_text(wid)] = FleetCounts(
             total=int(total),  # type: ignore[call-overload]
             dispatched=int(dispatched),  # type: ignore[call-overload]
             average_wait=float(_text(ema)),
-            rate=float(_text(rate)),
+            rate=WindowCounts(
+                window,
+                int(start) / 1000,  # type: ignore[call-overload]
+                int(bucket) / 1000,  # type: ignore[call-overload]
+                int(prev),  # type: ignore[call-overload]
+                int(cur),  # type: ignore[call-overload]
+            ),
             others_active=int(others),  # type: ignore[call-overload]
         )
-    return granted, replicas, fleet
+    return changes
 
 
 def _text(value: object) -> str:

@@ -3,8 +3,9 @@
 Algorithm
 - Every workload w keeps a virtual counter c_w: the service it has received,
   each unit divided by the weight of the request that received it. A
-  request's weight comes from its criticality (default: weight = criticality,
-  so a criticality-5 request costs a fifth of a criticality-1 one).
+  request's weight is its workload's `weight` in --workloads when it has one,
+  else it comes from its criticality (default: weight = criticality, so a
+  criticality-5 request costs a fifth of a criticality-1 one).
 - Order: the queued request whose workload has the smallest counter goes
   first; within a workload, higher criticality, then arrival order.
 - Charging, cost `requests`: c_w += 1/weight at dispatch.
@@ -15,6 +16,13 @@ Algorithm
   since an over-estimate would mislead lifts, while an under-estimate is at
   most C requests' worth). At completion the guess is corrected by
   (measured - e_w)/weight, as Kubernetes APF corrects its seat-seconds.
+  Cost `tokens` (VTC's own unit, when bodies pass through the processor):
+  at dispatch c_w += (input + 2 * output)/weight with the request's estimate
+  (prompt length, max_tokens; the workload's last measured cost when the body
+  was not read); at completion the charge is corrected to the response's
+  reported `usage`. The first response that completes without usage switches
+  the policy to `occupancy` for good (it says so once in the log): a unit that
+  cannot be measured must not be billed by guesses alone.
 - No banking of idle credit: when a workload with nothing queued enqueues,
   c_w = max(c_w, floor). The floor is the system's virtual time -- the
   counter, before charging, of the most recent dispatch, as in start-time
@@ -23,7 +31,11 @@ Algorithm
   level with the workloads being served, at most one charge ahead of them.
   An idle workload's counter is forgotten once it is at or below the floor,
   and in any case when the registry forgets the workload (idle TTL): a debt
-  older than that is forgiven.
+  older than that is forgiven. The smallest backlogged counter comes from a
+  min-heap with lazy deletion (an entry is stale once its workload left the
+  backlog or its counter moved; stale entries are dropped as they surface, and
+  the heap is rebuilt when they outnumber the live ones): O(log W) amortised
+  per hook, W = backlogged workloads.
 
 Guarantees
 - Work-conserving: the policy only orders; it never keeps a free slot idle.
@@ -40,13 +52,18 @@ Concurrency: called only by the flow controller, on its event loop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import heapq
+from collections.abc import Callable, Sequence
 from typing import Literal
 
-from extproc.contracts import QueuedRequest
+import structlog
+
+from extproc.contracts import QueuedRequest, TokenCount
 from extproc.flowcontrol.policy import KeyedPolicy
 
-Cost = Literal["requests", "occupancy"]
+Cost = Literal["requests", "occupancy", "tokens"]
+OUTPUT_TOKEN_WEIGHT = 2.0
+"""An answer token costs this many prompt tokens (decode is dearer than prefill)."""
 DEFAULT_WEIGHTS: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0)
 _ESTIMATE_ALPHA = 0.2
 
@@ -56,19 +73,27 @@ class FairSharePolicy(KeyedPolicy):
     stable_keys = True  # a counter moves only in the hooks about its workload
 
     def __init__(
-        self, cost: Cost = "occupancy", criticality_weights: Sequence[float] = DEFAULT_WEIGHTS
+        self,
+        cost: Cost = "occupancy",
+        criticality_weights: Sequence[float] = DEFAULT_WEIGHTS,
+        workload_weight: Callable[[str], float | None] | None = None,
     ) -> None:
         if len(criticality_weights) != len(DEFAULT_WEIGHTS) or min(criticality_weights) <= 0:
             raise ValueError("criticality weights: five positive numbers, for criticality 1..5")
         self.cost = cost
         self._weights = tuple(criticality_weights)
+        self._workload_weight = workload_weight or (lambda _workload_id: None)
         self._counters: dict[str, float] = {}
         self._queued: dict[str, int] = {}
         self._in_flight: dict[str, int] = {}
         self._estimates: dict[str, float] = {}
         self._charged: dict[int, float] = {}
         self._average_service: float | None = None
+        self._token_costs: dict[str, float] = {}
+        """tokens: each workload's last measured cost, the estimate for an unread body."""
         self._virtual_time = 0.0
+        self._backlog: list[tuple[float, str]] = []
+        """(counter, workload) of backlogged workloads; see the module's note on staleness."""
 
     def counter(self, workload_id: str) -> float:
         return self._counters.get(workload_id, self._floor())
@@ -78,18 +103,22 @@ class FairSharePolicy(KeyedPolicy):
 
     def on_enqueue(self, item: QueuedRequest) -> None:
         workload = item.workload_id
-        if not self._queued.get(workload):
+        idle = not self._queued.get(workload)
+        if idle:
             self._counters[workload] = max(self._counters.get(workload, 0.0), self._floor())
         self._queued[workload] = self._queued.get(workload, 0) + 1
+        if idle:
+            self._rekey(workload)
 
     def on_dispatch(self, item: QueuedRequest) -> None:
         workload = item.workload_id
         self._leave_queue(workload)
         self._in_flight[workload] = self._in_flight.get(workload, 0) + 1
         self._virtual_time = max(self._virtual_time, self._counters[workload])
-        charge = self._estimate(workload) if self.cost == "occupancy" else 1.0
+        charge = self._charge(item)
         self._charged[item.seq] = charge
         self._counters[workload] += charge / self._weight(item)
+        self._rekey(workload)
 
     def on_done(self, item: QueuedRequest, service_time: float | None) -> None:
         workload = item.workload_id
@@ -103,22 +132,70 @@ class FairSharePolicy(KeyedPolicy):
             if self.cost == "occupancy":
                 self._counters[workload] += (service_time - charged) / self._weight(item)
                 self._learn(workload, service_time)
+                self._rekey(workload)
+            elif self.cost == "tokens":
+                # Also learn seconds, so a switch to occupancy starts informed.
+                self._learn(workload, service_time)
         self._forget_if_idle(workload)
+
+    def on_usage(self, item: QueuedRequest, usage: TokenCount | None) -> None:
+        if self.cost != "tokens" or item.seq not in self._charged:
+            return
+        if usage is None:
+            structlog.get_logger("extproc.policy").warning(
+                "fair-share-cost-fallback",
+                detail="a response reported no token usage: fair-share charges occupancy "
+                "(slot-seconds) from now on",
+            )
+            self.cost = "occupancy"
+            return
+        measured = _token_cost(usage)
+        self._counters[item.workload_id] += (measured - self._charged[item.seq]) / self._weight(
+            item
+        )
+        self._rekey(item.workload_id)
+        # Corrected once: on_done must not correct it again.
+        self._charged[item.seq] = measured
+        self._token_costs[item.workload_id] = measured
+
+    def _charge(self, item: QueuedRequest) -> float:
+        if self.cost == "occupancy":
+            return self._estimate(item.workload_id)
+        if self.cost == "tokens":
+            if item.tokens is not None:
+                return _token_cost(item.tokens)
+            return self._token_costs.get(item.workload_id, 0.0)
+        return 1.0
 
     def forget(self, workload_id: str) -> None:
         if workload_id not in self._queued and workload_id not in self._in_flight:
             self._counters.pop(workload_id, None)
             self._estimates.pop(workload_id, None)
+            self._token_costs.pop(workload_id, None)
 
     def _floor(self) -> float:
         # The virtual time is the counter of the latest dispatch, so normally no
         # backlogged counter is below it; an occupancy correction can push one
         # below, and a newcomer must not then start behind it.
-        backlogged = min((self._counters[w] for w in self._queued), default=self._virtual_time)
-        return min(self._virtual_time, backlogged)
+        heap = self._backlog
+        while heap:
+            counter, workload = heap[0]
+            if workload in self._queued and self._counters.get(workload) == counter:
+                return min(self._virtual_time, counter)
+            heapq.heappop(heap)
+        return self._virtual_time
+
+    def _rekey(self, workload: str) -> None:
+        """The workload's counter moved: enter its new value if it is backlogged."""
+        if workload not in self._queued:
+            return
+        heapq.heappush(self._backlog, (self._counters[workload], workload))
+        if len(self._backlog) > 2 * len(self._queued) + 64:
+            self._backlog = [(self._counters[w], w) for w in self._queued]
+            heapq.heapify(self._backlog)
 
     def _weight(self, item: QueuedRequest) -> float:
-        return self._weights[item.criticality - 1]
+        return self._workload_weight(item.workload_id) or self._weights[item.criticality - 1]
 
     def _estimate(self, workload: str) -> float:
         # Nothing measured yet: charge nothing and let completion bill the truth.
@@ -151,3 +228,8 @@ class FairSharePolicy(KeyedPolicy):
         if idle and self._counters.get(workload, 0.0) <= self._floor():
             self._counters.pop(workload, None)
             self._estimates.pop(workload, None)
+            self._token_costs.pop(workload, None)
+
+
+def _token_cost(tokens: TokenCount) -> float:
+    return tokens.input + OUTPUT_TOKEN_WEIGHT * tokens.output

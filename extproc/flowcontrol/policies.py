@@ -18,6 +18,8 @@ class PolicyOptions:
     """fair-share's unit of service."""
     criticality_weights: tuple[float, ...] = DEFAULT_WEIGHTS
     """fair-share's weight for criticality 1..5."""
+    workload_weight: Callable[[str], float | None] | None = None
+    """fair-share's weight for a workload, overriding criticality's (--workloads)."""
 
 
 PolicyFactory = Callable[[Datastore, Clock, PolicyOptions], Policy]
@@ -28,7 +30,7 @@ POLICIES: dict[str, PolicyFactory] = {
         datastore, clock, options.score
     ),
     FairSharePolicy.name: lambda _datastore, _clock, options: FairSharePolicy(
-        options.cost, options.criticality_weights
+        options.cost, options.criticality_weights, options.workload_weight
     ),
 }
 

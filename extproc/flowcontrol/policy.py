@@ -28,7 +28,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from extproc.context import MAX_CRITICALITY
-from extproc.contracts import Clock, Datastore, QueuedRequest
+from extproc.contracts import Clock, Datastore, QueuedRequest, TokenCount
 
 
 class KeyedPolicy(ABC):
@@ -51,6 +51,9 @@ class StatelessPolicy(KeyedPolicy):
         pass
 
     def on_done(self, item: QueuedRequest, service_time: float | None) -> None:
+        pass
+
+    def on_usage(self, item: QueuedRequest, usage: TokenCount | None) -> None:
         pass
 
     def forget(self, workload_id: str) -> None:

@@ -13,15 +13,22 @@ Algorithm
   - for policies whose keys move with time (workload-aware), every head is
     keyed afresh at every decision: O(F), exact.
   Either way no order is ever read from keys stored at enqueue time.
+  A workload at its `max_in_flight` (`admission.WorkloadLimits`) is out of
+  the running until one of its requests completes.
 - Capacity is a gate (`contracts.Capacity`) consulted before every release:
   a fixed limit C on requests in flight (released, not yet completed), or one
   that follows the backend (`saturation`, `adaptive`). A request is released
-  the moment it is enqueued if the gate has room, each completion releases
+  the moment it is enqueued if none is queued and the gate has room (never
+  ahead of those waiting), each completion releases
   the next one synchronously, and a gate whose room grows by itself wakes the
-  controller: no polling tick, no idle gap. Invariant: the queue is non-empty
-  only while the gate says no.
-- Limits: at most `max_queue` requests wait (beyond that: queue-full), each
-  for at most `queue_timeout` seconds (then: queue-timeout, via a clock timer).
+  controller: no polling tick, no idle gap. Invariant: the queue holds a
+  request only while the gate says no or its workload is at its in-flight cap.
+- Limits, checked at the door in this order: the gate says no and the
+  criticality is below `shed_below` (shed); the workload already has its
+  `max_queued` waiting (workload-limit); `max_queue` requests wait, and
+  `admission.QueueShares` picks who gives way (queue-full, for the arrival or
+  the heaviest workload's newest request). Each request waits at most
+  `queue_timeout` seconds (then: queue-timeout, via a clock timer).
 
 Guarantees
 - Every ticket ends in exactly one `Outcome`, and a slot is taken only by a
@@ -32,6 +39,26 @@ Guarantees
   taken, but the waiter cancelled before it could resume -- is turned into
   EVICTED_CLIENT_GONE and its slot handed to the next request, so the race
   loses no capacity and dispatches nothing to a dead stream.
+
+Endpoints (when the controller has a `contracts.EndpointPool`)
+- Release rule: a request is released when the gate has room AND some
+  endpoint it may use (its subset hint, else the whole pool) has room -- the
+  pool's per-endpoint saturation below 1 and in flight below the per-endpoint
+  ceiling. The policy decides WHICH request: among the flow heads that can be
+  placed now, the one it ranks first; then the pool decides WHERE (late
+  binding: the endpoint is chosen at release, from the state of that moment).
+- A head whose allowed endpoints are all full is skipped, keeping its key and
+  its place: it blocks only its own flow, never a request that could go
+  elsewhere. Invariant: the queue holds no head that could be placed now.
+- Fairness: without subset hints every head may use every endpoint, so the
+  order is exactly the policy's. With them, the policy's order holds among
+  the requests that can be placed at each instant; a skipped head goes first
+  the moment one of its endpoints has room, ahead of any request it ranks
+  before. Cost: O(log W) per decision plus O(log W) per skipped workload;
+  while no endpoint at all has room, one O(endpoints) check and no walk.
+- A request with no eligible endpoint (empty subset, none of its endpoints
+  ready, none ready at all) is answered REJECTED_NO_ENDPOINT at enqueue, and
+  queued ones when the pool's membership changes so that none is left.
 
 Concurrency: single-threaded, on the event loop that owns the controller;
 only the policy's metric reads reach across threads (through the registry).
@@ -48,7 +75,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from extproc.capacity.static import StaticCapacity
-from extproc.contracts import Capacity, Clock, Policy, QueuedRequest, TimerHandle
+from extproc.contracts import (
+    Capacity,
+    Clock,
+    EndpointPool,
+    PickRequest,
+    Policy,
+    QueuedRequest,
+    TimerHandle,
+    TokenCount,
+)
+from extproc.flowcontrol.admission import NO_LIMITS, QueueShares, WorkloadLimits
 from extproc.outcomes import Outcome
 
 FlowKey = tuple[str, int]
@@ -58,6 +95,10 @@ FlowKey = tuple[str, int]
 class FlowRequest:
     workload_id: str
     criticality: int
+    pick: PickRequest | None = None
+    """What the endpoint picker may use; ignored without an endpoint pool."""
+    tokens: TokenCount | None = None
+    """The request's estimated tokens, for fair-share's `tokens` cost."""
 
 
 class Ticket:
@@ -65,21 +106,34 @@ class Ticket:
 
     __slots__ = (
         "_controller",
+        "_endpoint",
         "_future",
         "_holds_slot",
         "_sampled",
         "_timer",
+        "detail",
+        "endpoints",
         "outcome",
+        "pick",
         "request",
         "wait_time",
     )
 
-    def __init__(self, controller: FlowController, request: QueuedRequest) -> None:
+    def __init__(
+        self, controller: FlowController, request: QueuedRequest, pick: PickRequest | None = None
+    ) -> None:
         self._controller = controller
         self.request = request
+        self.pick = pick
         self.outcome: Outcome | None = None
         self.wait_time = 0.0
         """Seconds from enqueue until the outcome was decided."""
+        self.endpoints: tuple[str, ...] = ()
+        """With an endpoint pool, once dispatched: "ip:port", primary first, then fallbacks."""
+        self.detail = ""
+        """Why the outcome, when there is more to say (which endpoints were missing)."""
+        self._endpoint: str | None = None
+        """The endpoint this request's in-flight count is accounted to."""
         self._holds_slot = False
         self._sampled = False
         self._future: asyncio.Future[Outcome] | None = None
@@ -90,6 +144,25 @@ class Ticket:
         if self._holds_slot and not self._sampled:
             self._sampled = True
             self._controller._first_byte(self)
+
+    def usage(self, tokens: TokenCount | None) -> None:
+        """The response completed and reported `tokens` used (None: it reported none).
+
+        Call at most once, before `close`; ignored unless the request holds a slot."""
+        if self._holds_slot:
+            self._controller._policy.on_usage(self.request, tokens)
+
+    def served(self, address: str) -> None:
+        """The data plane says `address` served the request: account it there from now on.
+
+        Idempotent; an address the pool does not know is ignored."""
+        current = self._endpoint
+        if self._holds_slot and current is not None and address != current:
+            pool = self._controller.pool
+            assert pool is not None
+            if pool.move(current, address):
+                self._endpoint = address
+                self._controller.wake()  # the endpoint it left has room for another
 
     async def wait(self) -> Outcome:
         """The outcome, once decided. Cancelling the caller abandons the ticket."""
@@ -140,8 +213,11 @@ class FlowController:
         capacity: Capacity | None = None,
         max_queue: int = 10_000,
         queue_timeout: float | None = 30.0,
+        pool: EndpointPool | None = None,
         on_decided: Callable[[Ticket], None] | None = None,
         on_pick: Callable[[float], None] | None = None,
+        limits: Callable[[str], WorkloadLimits] | None = None,
+        shed_below: int = 0,
     ) -> None:
         if max_concurrency < 0 or max_queue < 0:
             raise ValueError("max_concurrency and max_queue must be >= 0")
@@ -151,12 +227,19 @@ class FlowController:
         self._clock = clock
         self.capacity: Capacity = capacity or StaticCapacity(max_concurrency)
         self.capacity.bind(self.wake)
+        self.pool = pool
+        """Where released requests go; None: Envoy's own load balancing decides."""
+        if pool is not None:
+            pool.bind(self.wake, self._endpoints_changed)
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.on_decided = on_decided
         """Observer called synchronously the moment each ticket's outcome is decided."""
         self.on_pick = on_pick
         """Observer of the seconds each dispatch decision took (wall clock, not `clock`)."""
+        self._limits = limits or (lambda _workload_id: NO_LIMITS)
+        self.shed_below = shed_below
+        """While the gate says no, refuse criticalities below this at once (shed)."""
         self._flows: dict[FlowKey, OrderedDict[int, Ticket]] = {}
         self._criticalities: dict[str, set[int]] = {}
         """The criticalities of each workload's non-empty flows."""
@@ -164,9 +247,11 @@ class FlowController:
         self._versions: dict[str, int] = {}
         """The version of each backlogged workload's one live heap entry."""
         self._version = itertools.count()
-        self._queued_by_workload: dict[str, int] = {}
+        self._shares = QueueShares(lambda workload_id: self._limits(workload_id).weight or 1.0)
         self._queued = 0
         self._in_flight = 0
+        self._running: dict[str, int] = {}
+        """Requests in flight, by workload (for `max_in_flight`)."""
         self._seq = itertools.count()
         self._accepting = True
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
@@ -185,25 +270,72 @@ class FlowController:
         return self._queued
 
     def queued_for(self, workload_id: str) -> int:
-        return self._queued_by_workload.get(workload_id, 0)
+        return self._shares.count(workload_id)
+
+    def in_flight_for(self, workload_id: str) -> int:
+        return self._running.get(workload_id, 0)
 
     def enqueue(self, request: FlowRequest) -> Ticket:
         """Admit a request; its ticket is decided at once when a slot is free or the queue full."""
         now = self._clock.now()
         ticket = Ticket(
-            self, QueuedRequest(request.workload_id, request.criticality, now, next(self._seq))
+            self,
+            QueuedRequest(
+                request.workload_id, request.criticality, now, next(self._seq), request.tokens
+            ),
+            request.pick,
         )
+        workload_id = request.workload_id
+        limits = self._limits(workload_id)
+        room = self._has_free_slot()
+        missing = None if self.pool is None else self.pool.ineligible(request.pick)
         if not self._accepting:
             ticket._decide(Outcome.REJECTED_SHUTDOWN, now)
-        elif self._has_free_slot():
+        elif missing is not None:
+            ticket.detail = missing
+            ticket._decide(Outcome.REJECTED_NO_ENDPOINT, now)
+        elif (
+            not self._queued
+            and room
+            and self._under_cap(workload_id, limits)
+            and self._placeable(ticket)
+        ):
             self._policy.on_enqueue(ticket.request)
             self._take_slot(ticket, now)
-        elif self._queued >= self.max_queue:
+        elif not room and request.criticality < self.shed_below:
+            ticket._decide(Outcome.REJECTED_SHED, now)
+        elif limits.max_queued is not None and self.queued_for(workload_id) >= limits.max_queued:
+            ticket._decide(Outcome.REJECTED_WORKLOAD_LIMIT, now)
+        elif self._queued >= self.max_queue and not self._make_room(workload_id):
             ticket._decide(Outcome.REJECTED_QUEUE_FULL, now)
         else:
             self._policy.on_enqueue(ticket.request)
             self._push(ticket)
+            # Those queued go first, in policy order, should the gate have room.
+            self._dispatch_ready()
         return ticket
+
+    def _make_room(self, workload_id: str) -> bool:
+        """Push out the newest request of the workload that gives way, if one does."""
+        heaviest = self._shares.give_way(workload_id)
+        if heaviest is None:
+            return False
+        newest = max(
+            (
+                next(reversed(self._flows[(heaviest, c)].values()))
+                for c in self._criticalities[heaviest]
+            ),
+            key=lambda ticket: ticket.request.seq,
+        )
+        self._evict(newest, Outcome.REJECTED_QUEUE_FULL)
+        return True
+
+    def reconfigure(self) -> None:
+        """The workload limits changed: re-weigh the shares, re-admit workloads below a cap."""
+        self._shares.reweigh()
+        for workload_id in list(self._criticalities):
+            self._rekey(workload_id)
+        self.wake()
 
     async def enqueue_and_wait(self, request: FlowRequest) -> Ticket:
         """Enqueue and wait for the outcome; `close` the ticket when the request is over."""
@@ -252,7 +384,7 @@ class FlowController:
             self._criticalities.setdefault(request.workload_id, set()).add(request.criticality)
         flow[request.seq] = ticket
         self._queued += 1
-        self._queued_by_workload[request.workload_id] = self.queued_for(request.workload_id) + 1
+        self._shares.add(request.workload_id)
         self._rekey(request.workload_id)
         if self.queue_timeout is not None:
             ticket._timer = self._clock.call_later(
@@ -272,11 +404,7 @@ class FlowController:
                 del self._criticalities[request.workload_id]
                 self._versions.pop(request.workload_id, None)
         self._queued -= 1
-        left = self._queued_by_workload[request.workload_id] - 1
-        if left:
-            self._queued_by_workload[request.workload_id] = left
-        else:
-            del self._queued_by_workload[request.workload_id]
+        self._shares.remove(request.workload_id)
 
     def wake(self) -> None:
         """The gate may have room without a completion: dispatch what it allows."""
@@ -285,22 +413,57 @@ class FlowController:
             if self._waiters:
                 self._notify()
 
+    def _endpoints_changed(self) -> None:
+        """The pool's membership changed: answer queued requests left with no endpoint."""
+        pool = self.pool
+        assert pool is not None
+        for flow in list(self._flows.values()):
+            for ticket in list(flow.values()):
+                missing = pool.ineligible(ticket.pick)
+                if missing is not None:
+                    ticket.detail = missing
+                    self._evict(ticket, Outcome.REJECTED_NO_ENDPOINT)
+        self.wake()
+
     def _has_free_slot(self) -> bool:
         return self.capacity.has_room(self._in_flight)
 
+    def _under_cap(self, workload_id: str, limits: WorkloadLimits) -> bool:
+        cap = limits.max_in_flight
+        return cap is None or self.in_flight_for(workload_id) < cap
+
+    def _placeable(self, ticket: Ticket) -> bool:
+        return self.pool is None or self.pool.has_room(ticket.pick)
+
     def _take_slot(self, ticket: Ticket, now: float) -> None:
         self._in_flight += 1
+        workload_id = ticket.request.workload_id
+        self._running[workload_id] = self.in_flight_for(workload_id) + 1
         self.capacity.on_dispatch()
+        if self.pool is not None:
+            ticket.endpoints = self.pool.pick(ticket.pick)
+            ticket._endpoint = ticket.endpoints[0]
         self._policy.on_dispatch(ticket.request)
         ticket._decide(Outcome.DISPATCHED, now)
 
     def _first_byte(self, ticket: Ticket) -> None:
         dispatched_at = ticket.request.enqueued_at + ticket.wait_time
-        self.capacity.on_latency(self._clock.now() - dispatched_at, dispatched_at)
+        seconds = self._clock.now() - dispatched_at
+        self.capacity.on_latency(seconds, dispatched_at)
+        if self.pool is not None and ticket._endpoint is not None:
+            self.pool.on_first_byte(ticket._endpoint, seconds)
 
     def _free_slot(self, ticket: Ticket) -> None:
         self._in_flight -= 1
+        workload_id = ticket.request.workload_id
+        left = self._running[workload_id] - 1
+        if left:
+            self._running[workload_id] = left
+        else:
+            del self._running[workload_id]
         self.capacity.on_release(ticket._sampled)
+        if self.pool is not None and ticket._endpoint is not None:
+            self.pool.on_release(ticket._endpoint, ticket._sampled)
         dispatched_at = ticket.request.enqueued_at + ticket.wait_time
         self._policy.on_done(ticket.request, self._clock.now() - dispatched_at)
         self._rekey(ticket.request.workload_id)
@@ -310,30 +473,79 @@ class FlowController:
 
     def _dispatch_ready(self) -> None:
         while self._flows and self._has_free_slot():
-            if self.on_pick is None:
-                ticket = self._pick()
-            else:
-                started = time.perf_counter()
-                ticket = self._pick()
+            started = time.perf_counter()
+            ticket = self._pick() if self.pool is None else self._pick_placeable()
+            if ticket is None:
+                return  # every head waits for an endpoint of its own or its workload's cap
+            if self.on_pick is not None:
                 self.on_pick(time.perf_counter() - started)
             self._remove(ticket)
             self._take_slot(ticket, self._clock.now())
             self._rekey(ticket.request.workload_id)
 
-    def _pick(self) -> Ticket:
+    def _pick(self) -> Ticket | None:
         if not self._policy.stable_keys:
-            heads = (next(iter(flow.values())) for flow in self._flows.values())
-            return min(heads, key=lambda head: self._policy.sort_key(head.request))
-        while True:
+            heads = (
+                next(iter(flow.values()))
+                for (workload_id, _), flow in self._flows.items()
+                if self._under_cap(workload_id, self._limits(workload_id))
+            )
+            return min(heads, key=lambda head: self._policy.sort_key(head.request), default=None)
+        while self._heap:
             _, version, key = self._heap[0]
             if self._versions.get(key[0]) == version:
                 return next(iter(self._flows[key].values()))
             heapq.heappop(self._heap)
+        return None
+
+    def _pick_placeable(self) -> Ticket | None:
+        """The policy's first flow head that some allowed endpoint has room for."""
+        assert self.pool is not None
+        if not self.pool.has_room(None):
+            return None  # no endpoint has room, so no subset has: skip the walk
+        if not self._policy.stable_keys:
+            heads = [
+                next(iter(flow.values()))
+                for (workload_id, _), flow in self._flows.items()
+                if self._under_cap(workload_id, self._limits(workload_id))
+            ]
+            placeable = [head for head in heads if self._placeable(head)]
+            if not placeable:
+                return None
+            return min(placeable, key=lambda head: self._policy.sort_key(head.request))
+        skipped: list[tuple[tuple[float, ...], int, FlowKey]] = []
+        found: Ticket | None = None
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            workload_id = entry[2][0]
+            if self._versions.get(workload_id) != entry[1]:
+                continue  # superseded
+            skipped.append(entry)  # live: it goes back whatever happens
+            found = self._best_placeable_head(workload_id)
+            if found is not None:
+                break
+        for entry in skipped:
+            heapq.heappush(self._heap, entry)
+        return found
+
+    def _best_placeable_head(self, workload_id: str) -> Ticket | None:
+        """This workload's best flow head that can be placed (usually its only flow)."""
+        heads = [
+            next(iter(self._flows[(workload_id, criticality)].values()))
+            for criticality in self._criticalities[workload_id]
+        ]
+        placeable = [head for head in heads if self._placeable(head)]
+        if not placeable:
+            return None
+        return min(placeable, key=lambda head: self._policy.sort_key(head.request))
 
     def _rekey(self, workload_id: str) -> None:
         """Re-enter this workload in the heap at the key of its best flow head."""
         criticalities = self._criticalities.get(workload_id)
         if not self._policy.stable_keys or not criticalities:
+            return
+        if not self._under_cap(workload_id, self._limits(workload_id)):
+            self._versions.pop(workload_id, None)  # out of the running until a completion
             return
         best: tuple[tuple[float, ...], FlowKey] | None = None
         for criticality in criticalities:
@@ -359,5 +571,8 @@ class FlowController:
             self._policy.on_done(ticket.request, None)
             self._rekey(ticket.request.workload_id)
             ticket._decide(outcome, self._clock.now())
+            if self.pool is not None and self._accepting:
+                # The flow's next request may be allowed endpoints its old head was not.
+                self._dispatch_ready()
             if self._waiters:
                 self._notify()

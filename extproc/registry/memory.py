@@ -27,10 +27,11 @@ from __future__ import annotations
 import threading
 from collections import deque
 
+from extproc.context import OVERFLOW_WORKLOAD
 from extproc.contracts import Clock, RegistryFull, WorkloadMetrics
 from extproc.registry.rate import SlidingWindowRate
 
-OVERFLOW_WORKLOAD = "overflow"
+__all__ = ["OVERFLOW_WORKLOAD", "RECENT_WAITS", "InMemoryWorkloadRegistry"]
 RECENT_WAITS = 10_000
 
 

@@ -23,7 +23,33 @@ Guarantees:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 _MIN_AGE = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class WindowCounts:
+    """A window's state as of some moment (another process's, e.g. the fleet's in
+    Redis): enough to compute its rate at any later moment on the same clock."""
+
+    window: float
+    start: float
+    bucket_start: float
+    prev: int
+    cur: int
+
+    def rate(self, now: float) -> float:
+        start, bucket_start, prev, cur = self.start, self.bucket_start, self.prev, self.cur
+        elapsed = now - bucket_start
+        if elapsed >= 2 * self.window:
+            return 0.0  # idle two windows: starts afresh, with nothing counted
+        if elapsed >= self.window:
+            prev, cur, bucket_start = cur, 0, bucket_start + self.window
+        age = now - start
+        if age < self.window:
+            return cur / max(age, min(_MIN_AGE, self.window))
+        return (prev * (1.0 - (now - bucket_start) / self.window) + cur) / self.window
 
 
 class SlidingWindowRate:
@@ -44,11 +70,10 @@ class SlidingWindowRate:
 
     def rate(self, now: float) -> float:
         self._roll(now)
-        age = now - self._start
-        if age < self._window:
-            return self._cur / max(age, min(_MIN_AGE, self._window))
-        elapsed = now - self._bucket_start
-        return (self._prev * (1.0 - elapsed / self._window) + self._cur) / self._window
+        return self.counts().rate(now)
+
+    def counts(self) -> WindowCounts:
+        return WindowCounts(self._window, self._start, self._bucket_start, self._prev, self._cur)
 
     def _roll(self, now: float) -> None:
         elapsed = now - self._bucket_start

@@ -1,5 +1,5 @@
 """The HTTP admin listener: liveness, readiness, Prometheus metrics, and the workload
-read API and the capacity gate's state as JSON.
+read API, the capacity gate's and the endpoint pool's state as JSON.
 
 Liveness and readiness are open to probes; `/metrics` and `/v1/...` (which name
 workloads) need the bearer token when one is configured (see `auth`)."""
@@ -47,6 +47,7 @@ def make_admin_app(
     app.router.add_get("/v1/workloads/{workload_id}", _get_workload)
     app.router.add_get("/v1/capacity", _capacity)
     app.router.add_get("/v1/fleet", _fleet)
+    app.router.add_get("/v1/endpoints", _endpoints)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics))
     return app
 
@@ -62,8 +63,11 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _list_workloads(request: web.Request) -> web.Response:
-    statuses = request.app[_READER].list()
-    return web.json_response({"workloads": [status.as_json() for status in statuses]})
+    reader = request.app[_READER]
+    body: dict[str, object] = {"workloads": [status.as_json() for status in reader.list()]}
+    if reader.workloads is not None and reader.workloads.path is not None:
+        body["table"] = reader.workloads.table.as_json()  # every entry, tracked or not
+    return web.json_response(body)
 
 
 async def _capacity(request: web.Request) -> web.Response:
@@ -78,6 +82,16 @@ async def _fleet(request: web.Request) -> web.Response:
             status=404,
         )
     return web.json_response(dataclasses.asdict(fleet()))
+
+
+async def _endpoints(request: web.Request) -> web.Response:
+    pool = request.app[_READER].pool
+    if pool is None:
+        return web.json_response(
+            {"error": "not_found", "detail": "endpoint picking is off (no --endpoints)"},
+            status=404,
+        )
+    return web.json_response(dataclasses.asdict(pool()))
 
 
 async def _get_workload(request: web.Request) -> web.Response:

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import socket
 from collections.abc import Coroutine
+from typing import Protocol
 
 import grpc
 import structlog
@@ -44,6 +46,12 @@ from extproc.fleet.registry import SharedWorkloadRegistry
 from extproc.fleet.sync import FleetOptions, FleetSync, LeasedCapacity
 from extproc.flowcontrol.policies import make_policy
 from extproc.flowcontrol.queue import FlowController
+from extproc.pool.discovery import DnsDiscovery, add_static
+from extproc.pool.kubernetes import InferencePoolWatch
+from extproc.pool.picker import make_picker
+from extproc.pool.pool import EndpointPool
+from extproc.pool.scorers import ScorerWeights
+from extproc.pool.scraper import EndpointScraper
 from extproc.registry.datastore import RegistryDatastore
 from extproc.registry.memory import InMemoryWorkloadRegistry
 from extproc.service.admin import make_admin_app
@@ -51,6 +59,7 @@ from extproc.service.auth import BearerToken
 from extproc.service.extproc import ExternalProcessorService
 from extproc.service.metrics import Metrics
 from extproc.service.readapi import WorkloadReader, WorkloadRegistryService
+from extproc.workloads import Workloads
 
 # Envoy's message timeout is extended by this much beyond the queue timeout, so
 # that the queue, not Envoy, decides when a held request has waited too long.
@@ -87,20 +96,30 @@ class Service:
             else local
         )
         self.datastore = RegistryDatastore(self.registry)
-        policy = make_policy(settings.policy, self.datastore, clock, settings.policy_options())
+        self.workloads = Workloads(settings.workloads)
+        options = dataclasses.replace(
+            settings.policy_options(), workload_weight=self.workloads.weight
+        )
+        policy = make_policy(settings.policy, self.datastore, clock, options)
         self.capacity = make_capacity(settings, clock)
         self._scraper = (
             Scraper(self.capacity, settings.backend_metrics_interval)
             if isinstance(self.capacity, MetricsCapacity)
             else None
         )
+        self.pool = make_pool(settings, clock)
+        self._pool_tasks = _pool_tasks(settings, self.pool, clock) if self.pool else []
         self.flow = FlowController(
             policy,
             clock,
             capacity=self.capacity,
             max_queue=settings.max_queue,
             queue_timeout=settings.queue_timeout,
+            limits=self.workloads.limits,
+            shed_below=settings.shed_below,
+            pool=self.pool,
         )
+        self.workloads.on_change(self.flow.reconfigure)
         self.fleet = (
             FleetSync(
                 self.registry,
@@ -112,11 +131,21 @@ class Service:
             else None
         )
         fleet_status = self.fleet.status if self.fleet is not None else None
-        self.reader = WorkloadReader(self.datastore, self.flow, fleet_status)
-        self.metrics = Metrics(self.reader, settings.metrics_top_workloads, fleet_status)
+        pool_status = self.pool.status if self.pool is not None else None
+        self.reader = WorkloadReader(
+            self.datastore, self.flow, fleet_status, self.workloads, pool_status
+        )
+        self.metrics = Metrics(
+            self.reader,
+            settings.metrics_top_workloads,
+            fleet_status,
+            self.workloads,
+            pool_status,
+        )
         self.flow.on_pick = self.metrics.decision.observe
         parser = ContextParser(
-            settings.default_workload if settings.on_missing_context == "default" else None
+            settings.default_workload if settings.on_missing_context == "default" else None,
+            settings.workload_header,
         )
         self.ext_proc = ExternalProcessorService(
             self.datastore,
@@ -126,6 +155,10 @@ class Service:
             self.metrics,
             hold_timeout=settings.queue_timeout + HOLD_MARGIN,
             overflow_when_full=settings.on_registry_full == "overflow",
+            pick_endpoints=settings.endpoints_configured,
+            max_body_bytes=settings.max_body_bytes,
+            count_tokens=settings.policy == "fair-share" and settings.fair_share_cost == "tokens",
+            workloads=self.workloads,
         )
         self.health = HealthServicer()
         self.token = BearerToken(settings.admin_token)
@@ -135,6 +168,7 @@ class Service:
         self._server: grpc.aio.Server | None = None
         self._admin: web.AppRunner | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._reloader: asyncio.Task[None] | None = None
         self._log = structlog.get_logger("extproc")
 
     async def start(self) -> None:
@@ -160,8 +194,12 @@ class Service:
         self._server = server
         self._admin = await self._start_admin()
         self._sweeper = asyncio.create_task(self._sweep_forever())
+        if self.settings.workloads is not None:
+            self._reloader = asyncio.create_task(self._reload_forever())
         if self._scraper is not None:
             await self._scraper.start()
+        for task in self._pool_tasks:
+            await task.start()
         if self.fleet is not None:
             await self.fleet.start()
         await self._set_ready(True)
@@ -176,6 +214,9 @@ class Service:
             max_concurrency=self.settings.max_concurrency,
             max_queue=self.settings.max_queue,
             queue_timeout=self.settings.queue_timeout,
+            workloads=str(self.settings.workloads) if self.settings.workloads else None,
+            workload_header=self.settings.workload_header,
+            shed_below=self.settings.shed_below,
         )
 
     async def stop(self, drain_timeout: float | None = None, grace: float | None = None) -> None:
@@ -188,11 +229,14 @@ class Service:
         await _within(drain, self.flow.wait_for(lambda: self.flow.queued == 0))
         self.flow.close()
         await _within(grace, self.flow.wait_for(lambda: self.flow.in_flight == 0))
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        for loop_task in (self._sweeper, self._reloader):
+            if loop_task is not None:
+                loop_task.cancel()
+        self._sweeper = self._reloader = None
         if self._scraper is not None:
             await self._scraper.stop()
+        for task in reversed(self._pool_tasks):
+            await task.stop()
         if self.fleet is not None:
             await self.fleet.stop()
         if self._server is not None:
@@ -227,6 +271,11 @@ class Service:
             await asyncio.sleep(interval)
             self.sweep()
 
+    async def _reload_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.workloads_reload_interval)
+            self.workloads.reload_if_changed()
+
     async def _start_admin(self) -> web.AppRunner:
         app = make_admin_app(self.reader, lambda: self.ready, self.token, self.metrics.registry)
         runner = web.AppRunner(app, access_log=None)
@@ -251,7 +300,13 @@ class Service:
 def make_capacity(settings: Settings, clock: Clock) -> Capacity:
     shared = settings.registry != "memory"
     if shared and settings.capacity == "static" and settings.max_concurrency > 0:
-        return LeasedCapacity(settings.max_concurrency, clock, settings.registry_lease)
+        return LeasedCapacity(
+            settings.max_concurrency,
+            clock,
+            settings.registry_lease,
+            margin=settings.registry_sync_interval,
+            replicas=settings.registry_replicas_hint,
+        )
     static = StaticCapacity(settings.max_concurrency)
     if settings.capacity == "metrics":
         return MetricsCapacity(
@@ -260,6 +315,38 @@ def make_capacity(settings: Settings, clock: Clock) -> Capacity:
     if settings.capacity == "adaptive":
         return AdaptiveCapacity(clock, settings.adaptive_options())
     return static
+
+
+def make_pool(settings: Settings, clock: Clock) -> EndpointPool | None:
+    """The endpoint pool, when endpoints are configured; None leaves routing to Envoy."""
+    if not settings.endpoints_configured:
+        return None
+    picker = make_picker(settings.picker, ScorerWeights.parse(settings.scorers))
+    pool = EndpointPool(clock, picker, settings.endpoint_options())
+    if settings.endpoints:
+        add_static(pool, settings.endpoints)
+    return pool
+
+
+class _Lifecycle(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def _pool_tasks(settings: Settings, pool: EndpointPool, clock: Clock) -> list[_Lifecycle]:
+    """Discovery first, so the scraper's first round meets the endpoints found."""
+    tasks: list[_Lifecycle] = [
+        DnsDiscovery(pool, name, settings.endpoints_dns_interval) for name in settings.endpoints_dns
+    ]
+    if settings.inference_pool:
+        tasks.append(InferencePoolWatch(pool, settings.inference_pool))
+    tasks.append(
+        EndpointScraper(
+            pool, clock, settings.endpoint_scrape_interval, settings.endpoint_metrics_path
+        )
+    )
+    return tasks
 
 
 def _fleet_options(settings: Settings) -> FleetOptions:

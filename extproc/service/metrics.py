@@ -5,6 +5,7 @@ Per request (updated where the stream handler records each outcome):
   extproc_rejections_total{reason}            requests answered without the backend
   extproc_queue_wait_seconds{outcome}         enqueue to decision
   extproc_dispatch_decision_seconds           time to pick the next request
+  extproc_criticality_clamped_total           claims above a workload's max_criticality
 At scrape time (read from the queue and the registry, no request-path cost):
   extproc_queue_size, extproc_in_flight_requests, extproc_max_concurrency (the
   limit in force, whichever `--capacity` set it), extproc_tracked_workloads;
@@ -14,6 +15,12 @@ At scrape time (read from the queue and the registry, no request-path cost):
   extproc_backend_slots (the gate's estimate), extproc_backend_kv_cache_usage,
   extproc_backend_scrape_age_seconds, extproc_backend_scrape_errors_total; with the Redis registry
   extproc_fleet_connected, _replicas, _sync_errors_total, _sync_age_seconds;
+  with --workloads extproc_workloads_config_errors_total (edits rejected, the
+  last good table kept) and extproc_workloads_config_reloads_total;
+  with endpoint picking, per endpoint{endpoint="ip:port"} extproc_endpoint_ready,
+  _in_flight_requests, _waiting_requests, _running_requests, _queue_depth,
+  _kv_cache_usage, _saturation, _scrape_age_seconds, _picked_total,
+  _prefix_hits_total, _scrape_errors_total (endpoints are bounded by discovery);
   and per workload -- the N busiest by request rate,
   the rest summed as workload="other", so cardinality stays bounded whatever
   ids clients send --
@@ -30,10 +37,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from extproc.context import OTHER_WORKLOADS
 from extproc.contracts import CapacityStatus, FleetStatus
+from extproc.pool.pool import PoolStatus
 from extproc.service.readapi import WorkloadReader, WorkloadStatus
+from extproc.workloads import Workloads
 
-OTHER = "other"
+OTHER = OTHER_WORKLOADS  # a client cannot send this id (context refuses reserved ids)
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _DECISION_BUCKETS = (1e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2)
 
@@ -44,6 +54,8 @@ class Metrics:
         reader: WorkloadReader,
         top_workloads: int = 50,
         fleet: Callable[[], FleetStatus] | None = None,
+        workloads: Workloads | None = None,
+        pool: Callable[[], PoolStatus] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -71,9 +83,18 @@ class Metrics:
             buckets=_DECISION_BUCKETS,
             registry=self.registry,
         )
+        self.clamped = Counter(
+            "extproc_criticality_clamped",
+            "Requests claiming a criticality above their workload's max_criticality.",
+            registry=self.registry,
+        )
         self.registry.register(_StateCollector(reader, top_workloads))
+        if workloads is not None and workloads.path is not None:
+            self.registry.register(_WorkloadsCollector(workloads))
         if fleet is not None:
             self.registry.register(_FleetCollector(fleet))
+        if pool is not None:
+            self.registry.register(_PoolCollector(pool))
         self._children: dict[str, tuple[Any, Any, Any]] = {}
 
     def record(self, outcome: str, queue_wait: float | None, rejected: bool) -> None:
@@ -138,6 +159,63 @@ class _FleetCollector(Collector):
             yield _gauge(
                 "extproc_fleet_sync_age_seconds", "Time since the last good sync.", status.age
             )
+
+
+class _WorkloadsCollector(Collector):
+    def __init__(self, workloads: Workloads) -> None:
+        self._workloads = workloads
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(
+            "extproc_workloads_config_errors",
+            "Edits of the --workloads file rejected; the last good table stayed in force.",
+            value=self._workloads.errors,
+        )
+        yield CounterMetricFamily(
+            "extproc_workloads_config_reloads",
+            "Edits of the --workloads file put in force.",
+            value=self._workloads.reloads,
+        )
+
+
+class _PoolCollector(Collector):
+    _GAUGES = (
+        ("in_flight_requests", "in_flight", "Requests picked for the endpoint, not completed."),
+        ("waiting_requests", "waiting", "Requests waiting in the server at the last scrape."),
+        ("running_requests", "running", "Requests running in the server at the last scrape."),
+        ("queue_depth", "queue_depth", "Estimated queue in the server; in flight if stale."),
+        ("kv_cache_usage", "kv_cache_usage", "KV-cache use, 0..1, at the last scrape."),
+        ("saturation", "saturation", "Saturation now, credit included; absent when stale."),
+        ("scrape_age_seconds", "scrape_age", "Seconds since the last good scrape."),
+    )
+    _COUNTERS = (
+        ("picked", "picked", "Requests picked for the endpoint as primary."),
+        ("prefix_hits", "prefix_hits", "Picks whose prompt prefix the endpoint had seen."),
+        ("scrape_errors", "scrape_errors", "Failed scrapes of the endpoint's metrics."),
+    )
+
+    def __init__(self, status: Callable[[], PoolStatus]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterable[Metric]:
+        endpoints = self._status().endpoints
+        labels = ["endpoint"]
+        ready = GaugeMetricFamily("extproc_endpoint_ready", "1: picks may go here.", labels=labels)
+        for e in endpoints:
+            ready.add_metric([e.address], float(e.ready))
+        yield ready
+        for name, field, documentation in self._GAUGES:
+            family = GaugeMetricFamily(f"extproc_endpoint_{name}", documentation, labels=labels)
+            for e in endpoints:
+                value = getattr(e, field)
+                if value is not None:
+                    family.add_metric([e.address], float(value))
+            yield family
+        for name, field, documentation in self._COUNTERS:
+            counter = CounterMetricFamily(f"extproc_endpoint_{name}", documentation, labels=labels)
+            for e in endpoints:
+                counter.add_metric([e.address], float(getattr(e, field)))
+            yield counter
 
 
 class _WorkloadFamilies:

@@ -4,7 +4,7 @@ the views the HTTP admin listener renders. Both show the same `WorkloadStatus`."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -14,8 +14,10 @@ from extproc.api.v1 import registry_pb2 as pb
 from extproc.api.v1 import registry_pb2_grpc as pb_grpc
 from extproc.contracts import CapacityStatus, Datastore, FleetStatus, WorkloadMetrics
 from extproc.flowcontrol.queue import FlowController
+from extproc.pool.pool import PoolStatus
 from extproc.service.auth import BearerToken
 from extproc.stats import percentile
+from extproc.workloads import Workloads, WorkloadSpec
 
 DEFAULT_WATCH_INTERVAL = 1.0
 MIN_WATCH_INTERVAL = 0.05
@@ -23,13 +25,27 @@ MIN_WATCH_INTERVAL = 0.05
 
 @dataclass(frozen=True, slots=True)
 class WorkloadStatus:
-    """A workload's registry metrics and how many of its requests are queued now."""
+    """A workload's registry metrics, how many of its requests are queued now, and the
+    limits in force for it (None without a --workloads table)."""
 
     metrics: WorkloadMetrics
     queued_requests: int
     recent_p99_wait: float = 0.0
+    limits: WorkloadSpec | None = None
 
     def as_json(self) -> dict[str, object]:
+        fields = self._fields()
+        if self.limits is not None:
+            fields["limits"] = self.limits.model_dump()
+        return fields
+
+    def as_proto(self) -> pb.Workload:
+        workload = pb.Workload(**self._fields())  # type: ignore[arg-type]
+        if self.limits is not None:
+            workload.limits.CopyFrom(pb.WorkloadLimits(**self.limits.model_dump()))
+        return workload
+
+    def _fields(self) -> dict[str, object]:
         m = self.metrics
         return {
             "workload_id": m.workload_id,
@@ -42,9 +58,6 @@ class WorkloadStatus:
             "recent_p99_wait_seconds": self.recent_p99_wait,
         }
 
-    def as_proto(self) -> pb.Workload:
-        return pb.Workload(**self.as_json())  # type: ignore[arg-type]
-
 
 class WorkloadReader:
     def __init__(
@@ -52,29 +65,39 @@ class WorkloadReader:
         datastore: Datastore,
         flow: FlowController,
         fleet: Callable[[], FleetStatus] | None = None,
+        workloads: Workloads | None = None,
+        pool: Callable[[], PoolStatus] | None = None,
     ) -> None:
         self._registry = datastore.get_workload_registry()
         self.flow = flow
         self.fleet = fleet
         """This replica's view of its fleet, when the registry is shared."""
+        self.workloads = workloads
+        self.pool = pool
+        """The endpoints and their state, when endpoint picking is on."""
 
     def get(self, workload_id: str) -> WorkloadStatus | None:
         metrics = self._registry.get_metrics(workload_id)
         if metrics is None:
             return None
         waits = self._registry.recent_waits().get(workload_id, [])
-        return WorkloadStatus(metrics, self.flow.queued_for(workload_id), percentile(waits, 99))
+        return self._status(metrics, waits)
 
     def list(self) -> list[WorkloadStatus]:
         waits = self._registry.recent_waits()
         return [
-            WorkloadStatus(
-                m,
-                self.flow.queued_for(m.workload_id),
-                percentile(waits.get(m.workload_id, []), 99),
-            )
-            for m in self._registry.list_metrics()
+            self._status(m, waits.get(m.workload_id, [])) for m in self._registry.list_metrics()
         ]
+
+    def _status(self, metrics: WorkloadMetrics, waits: Sequence[float]) -> WorkloadStatus:
+        workload_id = metrics.workload_id
+        table = self.workloads.table if self.workloads and self.workloads.path else None
+        return WorkloadStatus(
+            metrics,
+            self.flow.queued_for(workload_id),
+            percentile(waits, 99),
+            table.spec(workload_id) if table is not None else None,
+        )
 
     def snapshot(self) -> pb.WorkloadSnapshot:
         time = timestamp_pb2.Timestamp()
@@ -87,6 +110,7 @@ class WorkloadReader:
             max_concurrency=self.flow.max_concurrency,
             capacity=capacity_proto(self.flow.capacity.status()),
             fleet=fleet_proto(self.fleet()) if self.fleet is not None else None,
+            pool=pool_proto(self.pool()) if self.pool is not None else None,
         )
 
 
@@ -97,6 +121,29 @@ def fleet_proto(status: FleetStatus) -> pb.Fleet:
         replicas=status.replicas,
         sync_errors=status.errors,
         sync_age_seconds=status.age,
+    )
+
+
+def pool_proto(status: PoolStatus) -> pb.Pool:
+    return pb.Pool(
+        picker=status.picker,
+        endpoints=[
+            pb.PoolEndpoint(
+                address=e.address,
+                ready=e.ready,
+                in_flight=e.in_flight,
+                waiting=e.waiting,
+                running=e.running,
+                kv_cache_usage=e.kv_cache_usage,
+                queue_depth=e.queue_depth,
+                saturation=e.saturation,
+                scrape_age_seconds=e.scrape_age,
+                picked=e.picked,
+                prefix_hits=e.prefix_hits,
+                scrape_errors=e.scrape_errors,
+            )
+            for e in status.endpoints
+        ],
     )
 
 

@@ -1,10 +1,13 @@
 """`extproc top`: a live terminal view of every workload, fed by `WatchWorkloads`.
 
 One row per workload -- request rate, active, queued, in flight, dispatched,
-average and recent p99 queue wait, share of capacity -- sorted by `--sort`,
+average and recent p99 queue wait, share of capacity, and with a --workloads
+table the limits in force (weight, in-flight and queued caps, criticality
+bound) -- sorted by `--sort`,
 under a header with the totals, a sparkline of the queue's depth, the
 capacity gate (its limit, and its saturation and each model server's last
-scrape, or its latencies) and, with a shared registry, the fleet.
+scrape, or its latencies), with a shared registry the fleet, and with endpoint
+picking a panel of the endpoints (ready, in flight, load, picks, prefix hits).
 """
 
 from __future__ import annotations
@@ -75,14 +78,58 @@ def render(snapshot: pb.WorkloadSnapshot, depths: list[int], sort: str, limit: i
     table.add_column("workload", overflow="ellipsis", max_width=32)
     for key, column in COLUMNS.items():
         table.add_column(column.title + (" ▼" if key == sort else ""), justify="right")
+    with_limits = any(w.HasField("limits") for w in snapshot.workloads)
+    if with_limits:
+        table.add_column("limits")
     rows = sorted(snapshot.workloads, key=lambda w: COLUMNS[sort].value(w, snapshot), reverse=True)
     for workload in rows[:limit]:
         cells = [c.text(c.value(workload, snapshot)) for c in COLUMNS.values()]
+        if with_limits:
+            cells.append(limits_text(workload.limits) if workload.HasField("limits") else "")
         table.add_row(workload.workload_id, *cells)
     if len(rows) > limit:
         table.caption = f"{len(rows) - limit} more workloads not shown (--limit)"
     fleet = [fleet_line(snapshot.fleet)] if snapshot.HasField("fleet") else []
-    return Group(header, *capacity_lines(snapshot.capacity), *fleet, table)
+    pool = [pool_table(snapshot.pool)] if snapshot.HasField("pool") else []
+    return Group(header, *capacity_lines(snapshot.capacity), *fleet, *pool, table)
+
+
+def pool_table(pool: pb.Pool) -> Table:
+    """The endpoints panel: one row per model server the picker chooses among."""
+    table = Table(title=f"endpoints (picker {pool.picker})", expand=True)
+    for title in ("endpoint", "ready", "in flight", "waiting", "running", "queue", "kv",
+                  "scraped", "picked", "prefix hits"):  # fmt: skip
+        table.add_column(title, justify="left" if title == "endpoint" else "right")
+    for e in pool.endpoints:
+        table.add_row(
+            e.address,
+            Text("yes", "green") if e.ready else Text("no", "red"),
+            str(e.in_flight),
+            f"{e.waiting:.0f}" if e.HasField("waiting") else "-",
+            f"{e.running:.0f}" if e.HasField("running") else "-",
+            f"{e.queue_depth:.0f}",
+            f"{e.kv_cache_usage:.0%}" if e.HasField("kv_cache_usage") else "-",
+            f"{e.scrape_age_seconds:.2f}s ago" if e.HasField("scrape_age_seconds") else "never",
+            str(e.picked),
+            str(e.prefix_hits),
+        )
+    return table
+
+
+def limits_text(limits: pb.WorkloadLimits) -> str:
+    """The limits in force, briefly: `weight 4  in flight ≤8  queued ≤50  crit ≤3`."""
+    if not limits.allow:
+        return "not allowed"
+    parts = []
+    if limits.HasField("weight"):
+        parts.append(f"weight {limits.weight:g}")
+    if limits.HasField("max_in_flight"):
+        parts.append(f"in flight ≤{limits.max_in_flight}")
+    if limits.HasField("max_queued"):
+        parts.append(f"queued ≤{limits.max_queued}")
+    if limits.HasField("max_criticality"):
+        parts.append(f"crit ≤{limits.max_criticality}")
+    return "  ".join(parts) or "-"
 
 
 def fleet_line(fleet: pb.Fleet) -> Text:

@@ -126,15 +126,17 @@ def test_settings_for_the_metrics_gate(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings(capacity="metrics", backend_metrics_url=["127.0.0.1:8000/metrics"])
     with pytest.raises(ValidationError, match="needs --max-concurrency"):
         Settings(capacity="adaptive")
+    with pytest.raises(ValidationError, match="metrics go stale"):  # #16.6: never unlimited
+        Settings(capacity="metrics", backend_metrics_url=["http://a:1/metrics"])
     with pytest.raises(ValidationError, match="waiting_metrics"):
         Settings(waiting_metrics=" , ")
     monkeypatch.setenv("EXTPROC_BACKEND_METRICS_URL", "http://a:1/metrics, http://b:2/metrics")
-    settings = Settings(capacity="metrics")
+    settings = Settings(capacity="metrics", max_concurrency=8)
     assert settings.backend_metrics_url == ["http://a:1/metrics", "http://b:2/metrics"]
 
 
 def test_the_url_flag_repeats(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["config", "show", "--capacity", "metrics"]
+    argv = ["config", "show", "--capacity", "metrics", "--max-concurrency", "8"]
     argv += ["--backend-metrics-url", "http://a:1/m", "--backend-metrics-url", "http://b:2/m"]
     assert main(argv) == 0
     assert "- http://a:1/m\n- http://b:2/m" in capsys.readouterr().out

@@ -10,19 +10,25 @@ import asyncio
 import os
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import grpc
 import pytest
 from pydantic import ValidationError
+from redis import asyncio as aioredis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from extproc.clock import SystemClock
+from extproc.clock import SystemClock, VirtualClock
 from extproc.config import Settings, public_view
 from extproc.fleet.registry import SharedWorkloadRegistry
 from extproc.fleet.sync import FleetOptions, FleetSync, LeasedCapacity
-from extproc.registry.memory import InMemoryWorkloadRegistry
+from extproc.flowcontrol.policy import FcfsPolicy
+from extproc.flowcontrol.queue import FlowController, FlowRequest
+from extproc.outcomes import Outcome
+from extproc.registry.memory import OVERFLOW_WORKLOAD, InMemoryWorkloadRegistry
+from extproc.service.app import make_capacity
 from tests.conftest import StartService
 from tests.support.extproc_client import exchange, workload_headers
 from tests.support.metrics_page import scrape
@@ -30,19 +36,19 @@ from tests.support.redis_server import RedisServer
 
 
 class Replica:
-    def __init__(self, url: str, capacity: int = 0, lease: float = 5.0) -> None:
+    def __init__(
+        self, url: str, capacity: int = 0, lease: float = 5.0, idle_ttl: float = 300.0
+    ) -> None:
         clock = SystemClock()
         self.registry = SharedWorkloadRegistry(
             InMemoryWorkloadRegistry(clock), clock, stale_after=lease
         )
-        self.capacity = LeasedCapacity(capacity, clock, lease) if capacity else None
-        self.demand = (0, 0)
-        self.fleet = FleetSync(
-            self.registry,
-            FleetOptions(url=url, lease=lease, prefix="test"),
-            lambda: self.demand,
-            self.capacity,
+        options = FleetOptions(url=url, lease=lease, prefix="test", idle_ttl=idle_ttl)
+        self.capacity = (
+            LeasedCapacity(capacity, clock, lease, margin=options.interval) if capacity else None
         )
+        self.demand = (0, 0)
+        self.fleet = FleetSync(self.registry, options, lambda: self.demand, self.capacity)
 
     def new(self, workload: str, count: int = 1) -> None:
         for _ in range(count):
@@ -116,7 +122,7 @@ async def test_syncs_in_doubt_are_counted_exactly_once(replica: MakeReplica) -> 
     a.fleet._script = never_ran  # type: ignore[assignment]
     assert await a.fleet.sync() is False  # not applied, and a cannot know either
     assert await a.fleet.sync() is False
-    assert len(a.fleet._unacked) == 2  # what Redis applied was dropped, the rest folded
+    assert a.fleet._in_doubt is not None  # one sync in doubt at most: the others settled
     a.fleet._script = run_script
     a.new("team", 1)
     assert await a.fleet.sync()
@@ -134,15 +140,17 @@ async def test_capacity_is_shared_fairly_and_never_oversold(replica: MakeReplica
         await b.fleet.sync()
         assert a.capacity.limit + b.capacity.limit <= 4
     assert (a.capacity.limit, b.capacity.limit) == (2, 2)
-    a.demand = (1, 0)  # a needs one; b may have the rest
-    await a.fleet.sync()
-    await b.fleet.sync()
+    a.demand = (1, 0)  # a needs one; b may have the rest once a no longer uses 2
+    for _ in range(2):
+        await a.fleet.sync()
+        await b.fleet.sync()
     assert (a.capacity.limit, b.capacity.limit) == (1, 3)
     a.demand = (0, 0)  # idle: spare slots are spread as headroom
     b.demand = (0, 0)
-    await a.fleet.sync()
-    await b.fleet.sync()
-    await a.fleet.sync()
+    for _ in range(3):
+        await a.fleet.sync()
+        await b.fleet.sync()
+        assert a.capacity.limit + b.capacity.limit <= 4
     assert (a.capacity.limit, b.capacity.limit) == (2, 2)
 
 
@@ -151,8 +159,9 @@ async def test_a_silent_replicas_slots_come_back_after_its_lease(replica: MakeRe
     assert a.capacity is not None
     assert b.capacity is not None
     a.demand = b.demand = (2, 10)
-    await a.fleet.sync()
-    await b.fleet.sync()
+    for _ in range(3):
+        await a.fleet.sync()
+        await b.fleet.sync()
     assert b.capacity.limit == 2
     await asyncio.sleep(0.6)  # a goes silent, as if killed
     await b.fleet.sync()
@@ -271,3 +280,169 @@ async def test_any_valid_workload_id_survives_the_trip_through_redis(replica: Ma
     assert {m.workload_id: m.total_requests for m in b.registry.list_metrics()} == dict.fromkeys(
         ids, 2
     )
+
+
+async def grants(redis_server: RedisServer) -> dict[str, int]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        recorded = await client.hgetall("test:grant")  # type: ignore[misc]
+    finally:
+        await client.aclose()
+    return {k.decode(): int(v) for k, v in recorded.items()}
+
+
+async def test_a_backlogged_replica_drains_down_to_its_share(
+    replica: MakeReplica, redis_server: RedisServer
+) -> None:
+    """#16.1: the in-flight figure is a reservation, not a dispatch limit."""
+    a = await replica(capacity=10)
+    assert a.capacity is not None
+    a.demand = (10, 20)  # alone and backlogged: every slot, each refilled at once
+    await a.fleet.sync()
+    assert a.capacity.limit == 10
+    b = await replica(capacity=10)
+    assert b.capacity is not None
+    b.demand = (0, 20)
+    await b.fleet.sync()
+    assert b.capacity.limit == 0  # a's 10 in flight are still a's
+    await a.fleet.sync()
+    assert a.capacity.limit == 5  # a dispatches no more until it is down to its share
+    a.demand = (5, 20)  # completions drained a to its share
+    await a.fleet.sync()
+    await b.fleet.sync()
+    assert (a.capacity.limit, b.capacity.limit) == (5, 5)
+    assert sum((await grants(redis_server)).values()) <= 10
+
+
+async def test_the_local_lease_ends_before_redis_forgets_the_slots(replica: MakeReplica) -> None:
+    """#16.3: the lease runs from the send (less a margin), not from the reply."""
+    a = await replica(capacity=4, lease=1.0)
+    assert a.capacity is not None
+    run_script = a.fleet._script
+
+    async def slow(**kwargs: object) -> object:
+        await asyncio.sleep(0.3)
+        return await run_script(**kwargs)  # type: ignore[arg-type]
+
+    a.fleet._script = slow  # type: ignore[assignment]
+    sent = time.monotonic()
+    assert await a.fleet.sync()
+    assert a.capacity.leased
+    await asyncio.sleep(max(0.0, sent + 0.95 - time.monotonic()))
+    assert not a.capacity.leased  # Redis keeps the slots until >= sent + 1.0
+
+
+def test_before_the_first_sync_a_replica_assumes_the_expected_fleet() -> None:
+    """#16.3: a replica that starts while Redis is down must not assume it is alone."""
+    settings = Settings(registry="redis://r:6379/0", max_concurrency=10, registry_replicas_hint=4)
+    capacity = make_capacity(settings, SystemClock())
+    assert isinstance(capacity, LeasedCapacity)
+    assert capacity.limit == 3
+    with pytest.raises(ValidationError, match="registry_replicas_hint"):
+        Settings(registry_replicas_hint=0)
+
+
+async def test_a_batch_in_flight_on_a_dead_connection_is_never_applied_twice(
+    replica: MakeReplica,
+) -> None:
+    """#16.4: an old sync landing after the replica re-read its sequence is refused."""
+    a, b = await replica(), await replica()
+    run_script = a.fleet._script
+    in_flight: list[dict[str, object]] = []
+
+    async def lost_in_the_network(**kwargs: object) -> object:
+        in_flight.append(kwargs)  # sent, not yet arrived
+        raise RedisTimeoutError("Timeout reading from socket")
+
+    async def first_lands_late_then_runs(**kwargs: object) -> object:
+        reply = await run_script(**kwargs)  # type: ignore[arg-type]
+        await run_script(**in_flight[0])  # type: ignore[arg-type]
+        return reply
+
+    async def first_lands_before(**kwargs: object) -> object:
+        await run_script(**in_flight[0])  # type: ignore[arg-type]
+        return await run_script(**kwargs)  # type: ignore[arg-type]
+
+    for lands in (first_lands_late_then_runs, first_lands_before):
+        in_flight.clear()
+        a.new("team", 4)
+        a.fleet._script = lost_in_the_network  # type: ignore[assignment]
+        assert await a.fleet.sync() is False
+        a.new("team", 2)
+        assert await a.fleet.sync() is False  # two batches in doubt
+        a.new("team", 1)
+        a.fleet._script = lands  # type: ignore[assignment]
+        assert await a.fleet.sync()
+    assert await b.fleet.sync()
+    assert b.registry.get_metrics("team").total_requests == 14  # type: ignore[union-attr]
+
+
+async def test_a_sync_returns_only_what_changed(replica: MakeReplica) -> None:
+    """#16.5: the reply grows with the changes since this replica's last sync."""
+    a, b = await replica(), await replica()
+    for n in range(60):
+        a.new(f"w{n}")
+    assert await a.fleet.sync()
+    assert await b.fleet.sync()  # b's first sync: everything
+    assert len(b.registry.list_metrics()) == 60
+    run_script = b.fleet._script
+    replies: list[list[object]] = []
+
+    async def recorded(**kwargs: object) -> object:
+        reply = await run_script(**kwargs)  # type: ignore[arg-type]
+        replies.append(reply)
+        return reply
+
+    b.fleet._script = recorded  # type: ignore[assignment]
+    a.new("w7", 2)
+    a.registry.decrement_active("w8")
+    assert await a.fleet.sync()
+    assert await b.fleet.sync()
+    assert len(replies[-1]) < 60  # two workloads changed, not sixty
+    seen = {m.workload_id: m for m in b.registry.list_metrics()}
+    assert (seen["w7"].total_requests, seen["w7"].active_requests) == (3, 3)
+    assert (seen["w8"].total_requests, seen["w8"].active_requests) == (1, 0)
+    assert (seen["w9"].total_requests, seen["w9"].active_requests) == (1, 1)
+    assert seen["w9"].request_rate == pytest.approx(1.0, rel=0.2)  # still computed, not resent
+
+
+async def test_forgotten_workloads_leave_every_replicas_view(replica: MakeReplica) -> None:
+    a, b = await replica(idle_ttl=0.3), await replica(idle_ttl=0.3)
+    a.new("gone")
+    a.new("stays")
+    a.registry.decrement_active("gone")
+    assert await a.fleet.sync()
+    assert await b.fleet.sync()
+    assert {m.workload_id for m in b.registry.list_metrics()} == {"gone", "stays"}
+    await asyncio.sleep(0.4)
+    assert await a.fleet.sync()  # "stays" is still active on a: kept
+    assert await b.fleet.sync()
+    assert {m.workload_id for m in b.registry.list_metrics()} == {"stays"}
+
+
+def test_deltas_kept_through_an_outage_are_bounded() -> None:
+    """#16.5: workloads seen during an outage past the registry's size fold into overflow."""
+    clock = VirtualClock()
+    local = InMemoryWorkloadRegistry(clock, max_workloads=3, idle_ttl=1.0)
+    registry = SharedWorkloadRegistry(local, clock, stale_after=5.0)
+    for n in range(10):  # each seen, completed, forgotten locally: Redis is down
+        registry.increment_active(f"w{n}")
+        registry.decrement_active(f"w{n}")
+        clock.advance(2.0)
+        registry.sweep()
+    pending = registry.take_pending()
+    assert len(pending) <= 4
+    assert sum(p.new for p in pending.values()) == 10  # none lost
+    assert pending[OVERFLOW_WORKLOAD].new >= 6
+
+
+def test_a_lease_running_out_wakes_the_queue() -> None:
+    """#16.2: granted 0 with requests queued; the lease ends and the fallback has room."""
+    clock = VirtualClock()
+    capacity = LeasedCapacity(4, clock, lease=5.0)
+    flow = FlowController(FcfsPolicy(), clock, capacity=capacity, max_queue=10)
+    capacity.grant(0, replicas=2, sent_at=clock.now())
+    tickets = [flow.enqueue(FlowRequest("a", 3)) for _ in range(3)]
+    assert flow.queued == 3
+    clock.advance(5.1)  # no sync since: ceil(4 / 2) slots, and nobody completes
+    assert [t.outcome for t in tickets] == [Outcome.DISPATCHED, Outcome.DISPATCHED, None]

@@ -6,7 +6,8 @@ import random
 import pytest
 
 from extproc.clock import VirtualClock
-from extproc.contracts import Policy, QueuedRequest
+from extproc.contracts import Policy, QueuedRequest, TokenCount
+from extproc.flowcontrol.fair_share import FairSharePolicy
 from extproc.flowcontrol.policies import POLICIES, make_policy
 from extproc.flowcontrol.policy import ScoreWeights, WorkloadAwarePolicy
 from extproc.outcomes import Outcome
@@ -196,3 +197,54 @@ def test_negative_control_the_seed_score_starves_the_light_workload() -> None:
     """Proves the test above can fail: the seed's stale average lets the flood win every time."""
     waits = starvation_scenario(SeedWorkloadAware)
     assert waits.count(None) >= 8
+
+
+class _CountingReads(dict[str, float]):
+    reads = 0
+
+    def __getitem__(self, key: str) -> float:
+        _CountingReads.reads += 1
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: float | None = None) -> float | None:  # type: ignore[override]
+        _CountingReads.reads += 1
+        return super().get(key, default)
+
+
+def test_fair_share_finds_its_floor_without_scanning_the_backlog() -> None:
+    """#16.8: a workload enqueued from idle costs O(log W) counter reads, not O(W)."""
+    policy = FairSharePolicy(cost="requests")
+    policy._counters = _CountingReads()
+    workloads = 2000
+    for n in range(workloads):  # each from idle, all of them backlogged
+        policy.on_enqueue(QueuedRequest(f"w{n}", 1, 0.0, n))
+    assert _CountingReads.reads < 20 * workloads
+
+
+def test_fair_share_tokens_charges_the_estimate_then_the_measured_usage() -> None:
+    policy = FairSharePolicy("tokens")
+    item = QueuedRequest("a", 1, 0.0, 1, TokenCount(10, 5))
+    policy.on_enqueue(item)
+    policy.on_dispatch(item)
+    assert policy.counter("a") == pytest.approx(10 + 2 * 5)
+    policy.on_usage(item, TokenCount(10, 50))
+    assert policy.counter("a") == pytest.approx(10 + 2 * 50)
+    policy.on_done(item, 1.0)
+    assert policy.counter("a") == pytest.approx(110)  # corrected once, not again at the end
+    # A body that was not read is charged the workload's last measured cost.
+    unread = QueuedRequest("a", 1, 2.0, 2)
+    policy.on_enqueue(unread)
+    policy.on_dispatch(unread)
+    assert policy.counter("a") == pytest.approx(220)
+
+
+def test_fair_share_tokens_falls_back_to_occupancy_without_usage() -> None:
+    policy = FairSharePolicy("tokens")
+    item = QueuedRequest("a", 1, 0.0, 1, TokenCount(10, 5))
+    policy.on_enqueue(item)
+    policy.on_dispatch(item)
+    policy.on_usage(item, None)
+    assert policy.cost == "occupancy"
+    policy.on_done(item, 2.0)
+    # From now on slot-seconds: the measured 2 s replaces the 20-token guess.
+    assert policy.counter("a") == pytest.approx(2.0)

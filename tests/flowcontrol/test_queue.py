@@ -304,3 +304,39 @@ def test_heap_and_scan_dispatch_in_the_same_order(seed: int) -> None:
         assert len(flow._heap) <= 4 * len(flow._versions) + 64 + 1
     assert dispatched["heap"] == dispatched["scan"]
     assert len(dispatched["heap"]) > 100
+
+
+class _Room:
+    """A gate whose room grows without a wake-up."""
+
+    name = "room"
+    wants_first_byte = False
+    limit = 0
+
+    def bind(self, wake: object) -> None:
+        pass
+
+    def has_room(self, in_flight: int) -> bool:
+        return in_flight < self.limit
+
+    def on_dispatch(self) -> None:
+        pass
+
+    def on_latency(self, seconds: float, dispatched_at: float) -> None:
+        pass
+
+    def on_release(self) -> None:
+        pass
+
+    def status(self) -> object:
+        return None
+
+
+def test_a_newcomer_never_passes_the_queue() -> None:
+    """#16.2: the fast path is only for an empty queue."""
+    gate = _Room()
+    flow = FlowController(FcfsPolicy(), VirtualClock(), capacity=gate)  # type: ignore[arg-type]
+    first, second = flow.enqueue(A), flow.enqueue(B)
+    gate.limit = 1
+    third = flow.enqueue(A)
+    assert [first.outcome, second.outcome, third.outcome] == [Outcome.DISPATCHED, None, None]

@@ -89,3 +89,20 @@ def test_readme_documents_every_flag() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"`--{name.replace('_', '-')}`" in readme, name
+
+
+def test_config_show_prints_the_workloads_table_and_a_bad_one_stops_serve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "workloads.yaml"
+    path.write_text("default: {allow: false}\nteam-a: {weight: 2, max_queued: 9}\n")
+    assert main(["config", "show", "--workloads", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "workloads-table:" in shown
+    assert "max_queued: 9" in shown
+    assert "allow: false" in shown
+    path.write_text("team-a: {max_queued: -1}\n")
+    assert main(["serve", "--workloads", str(path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("extproc: invalid setting --workloads=")
+    assert "team-a.max_queued: Input should be greater than or equal to 0" in error

@@ -27,6 +27,7 @@ from tests.support.extproc_client import (
     response_trailers,
     workload_headers,
 )
+from tests.support.rpc_context import RpcContext
 
 KNOWN = [f"known-{i}" for i in range(10)]
 
@@ -52,7 +53,7 @@ async def one_request(service: Service, workload: str) -> None:
         for message in messages:
             yield message
 
-    async for _ in service.ext_proc.Process(stream(), None):
+    async for _ in service.ext_proc.Process(stream(), RpcContext()):
         pass
 
 
@@ -184,7 +185,7 @@ async def drive(service: Service, messages: list[Any], cancel_after: int | None)
         gate.set()
 
     async def run() -> None:
-        async for _ in service.ext_proc.Process(source(), None):
+        async for _ in service.ext_proc.Process(source(), RpcContext()):
             await asyncio.sleep(0)
 
     task = asyncio.create_task(run())

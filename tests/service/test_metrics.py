@@ -131,9 +131,11 @@ async def test_every_metric_the_grafana_dashboard_queries_exists(
     try:
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/metrics"
         gated = await start_service(
-            capacity="metrics", backend_metrics_url=[url], registry=redis.url
+            capacity="metrics", backend_metrics_url=[url], registry=redis.url, max_concurrency=8
         )
         exposed |= {name for name, _ in await scrape(gated)}
+        picking = await start_service(endpoints=[f"127.0.0.1:{sock.getsockname()[1]}"])
+        exposed |= {name for name, _ in await scrape(picking)}
         adaptive = await start_service(
             capacity="adaptive", max_concurrency=4, adaptive_window=0.001
         )

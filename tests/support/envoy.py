@@ -17,6 +17,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_CONFIG = ROOT / "envoy" / "envoy.yaml"
+POOL_CONFIG = ROOT / "envoy" / "envoy-pool.yaml"
+JWT_CONFIG = ROOT / "envoy" / "envoy-jwt.yaml"
 
 
 def envoy_binary() -> str:
@@ -31,18 +33,35 @@ def bundled_config(
     extproc_port: int,
     backend_port: int,
     *more_extproc_ports: int,
+    source: Path = BUNDLED_CONFIG,
     **filter_overrides: Any,
 ) -> dict[str, Any]:
-    """envoy/envoy.yaml as shipped, moved onto ephemeral ports; every processor port
-    (several replicas) is an endpoint of the ext_proc cluster."""
-    config: dict[str, Any] = yaml.safe_load(BUNDLED_CONFIG.read_text())
+    """envoy/envoy.yaml (or another bundled `source`) as shipped, moved onto ephemeral
+    ports; every processor port (several replicas) is an endpoint of the ext_proc cluster."""
+    ports = {"workload_extproc": [extproc_port, *more_extproc_ports], "backend": [backend_port]}
+    return _shipped(source, ports, filter_overrides)
+
+
+def pool_config(
+    extproc_port: int, endpoint_ports: list[int], **filter_overrides: Any
+) -> dict[str, Any]:
+    """envoy/envoy-pool.yaml as shipped, on ephemeral ports; the model servers on
+    `endpoint_ports` (127.0.0.1) are the pool cluster's endpoints."""
+    ports = {"workload_extproc": [extproc_port], "pool": endpoint_ports}
+    return _shipped(POOL_CONFIG, ports, filter_overrides)
+
+
+def _shipped(
+    path: Path, ports: dict[str, list[int]], filter_overrides: dict[str, Any]
+) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(path.read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = 0
     (listener,) = config["static_resources"]["listeners"]
     listener["address"]["socket_address"]["port_value"] = 0
-    ports = {"workload_extproc": [extproc_port, *more_extproc_ports], "backend": [backend_port]}
     for cluster in config["static_resources"]["clusters"]:
         endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
-        template = endpoints.pop()
+        template = endpoints[0]
+        endpoints.clear()
         for port in ports[cluster["name"]]:
             endpoint = copy.deepcopy(template)
             endpoint["endpoint"]["address"]["socket_address"]["port_value"] = port
@@ -52,10 +71,15 @@ def bundled_config(
 
 
 def ext_proc_filter(config: dict[str, Any]) -> dict[str, Any]:
+    return http_filter(config, "envoy.filters.http.ext_proc")
+
+
+def http_filter(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """The typed_config of the listener's HTTP filter called `name`."""
     (listener,) = config["static_resources"]["listeners"]
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    (ext_proc,) = [f for f in manager["http_filters"] if f["name"] == "envoy.filters.http.ext_proc"]
-    return ext_proc["typed_config"]  # type: ignore[no-any-return]
+    (found,) = [f for f in manager["http_filters"] if f["name"] == name]
+    return found["typed_config"]  # type: ignore[no-any-return]
 
 
 class Envoy:

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
@@ -23,6 +24,31 @@ def request_headers(headers: dict[str, str | bytes], end_of_stream: bool = True)
             headers=base_pb2.HeaderMap(headers=values), end_of_stream=end_of_stream
         )
     )
+
+
+def duplex_headers(workload: str, end_of_stream: bool = False, criticality: int = 3) -> Any:
+    """request_headers as Envoy sends them with FULL_DUPLEX_STREAMED bodies."""
+    message = workload_headers(workload, criticality)
+    message.request_headers.end_of_stream = end_of_stream
+    duplex = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+    message.protocol_config.request_body_mode = duplex
+    message.protocol_config.response_body_mode = duplex
+    return message
+
+
+def request_body(body: bytes, end_of_stream: bool = False) -> Any:
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=end_of_stream))
+
+
+def response_body(body: bytes, end_of_stream: bool = False) -> Any:
+    return pb.ProcessingRequest(response_body=pb.HttpBody(body=body, end_of_stream=end_of_stream))
+
+
+def streamed(answer: Any) -> tuple[str, bytes, bool]:
+    """(phase, body, end_of_stream) of a full-duplex body answer."""
+    phase = answer.WhichOneof("response")
+    chunk = getattr(answer, phase).response.body_mutation.streamed_response
+    return phase, chunk.body, chunk.end_of_stream
 
 
 def workload_headers(workload: str, criticality: int = 3) -> Any:

@@ -1,0 +1,81 @@
+"""Where the endpoints come from: a static list, or DNS names re-resolved periodically.
+
+Each source reports the whole set it sees (`EndpointPool.update`), so a
+vanished endpoint leaves the pool at the next report. A DNS lookup that fails
+keeps the last set it found (a resolver hiccup must not empty the pool); a
+name that resolves to nothing empties its share. Kubernetes InferencePools
+are watched in `kubernetes`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+
+import structlog
+
+from extproc.addresses import parse_address
+from extproc.pool.pool import EndpointPool
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+"""(name, port) -> the IP addresses of its A/AAAA records."""
+
+
+def add_static(pool: EndpointPool, addresses: Sequence[str]) -> None:
+    pool.update("static", dict.fromkeys(addresses, True))
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def resolve(name: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        name, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    return sorted({str(info[4][0]) for info in infos})
+
+
+class DnsDiscovery:
+    """Every A/AAAA record of NAME, as NAME's endpoints on PORT, every `interval` seconds."""
+
+    def __init__(
+        self, pool: EndpointPool, name_port: str, interval: float, resolver: Resolver = resolve
+    ) -> None:
+        self._pool = pool
+        self._name, self._port = parse_address(name_port)
+        self._source = f"dns:{name_port}"
+        self._interval = interval
+        self._resolver = resolver
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+        self._log = structlog.get_logger("extproc.pool")
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._refresh_forever())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def refresh(self) -> None:
+        try:
+            hosts = await self._resolver(self._name, self._port)
+        except OSError as error:
+            if not self._failing:
+                self._failing = True
+                self._log.warning("endpoint DNS lookup failed", name=self._name, error=str(error))
+            return
+        self._failing = False
+        self._pool.update(self._source, {format_address(h, self._port): True for h in hosts})
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.refresh()

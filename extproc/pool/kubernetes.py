@@ -1,0 +1,165 @@
+"""Endpoints from a Kubernetes InferencePool (inference.networking.k8s.io/v1), by list+watch.
+
+Algorithm
+- Read the InferencePool: its `spec.selector.matchLabels` and
+  `spec.targetPorts[].number`. Every Pod the selector matches that is Ready
+  (phase Running, condition Ready True, an IP, not being deleted) is one
+  endpoint per target port, `podIP:port`; Pods not ready are listed as not
+  ready, so requests already sent to them are still counted out.
+- List the Pods, publish the whole set, then watch from the list's
+  resourceVersion, publishing the set again after every event.
+- The client library resumes a watch the server closed from the last
+  version it saw. A 410 Gone (that version is too old) or any failure of the
+  API server ends the watch; the loop then re-reads the InferencePool and
+  re-lists, after a backoff (doubling, capped) when the failure was not a 410.
+  Meanwhile the last set published stays in force: an unreachable API server
+  never empties the pool.
+
+Client: lightkube (async, typed models, generic resources for CRDs, a small
+dependency tree on httpx). Selector changes of the InferencePool take effect
+at the next re-list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import httpx2
+import structlog
+from lightkube import AsyncClient
+from lightkube.core.client import LabelSelector
+from lightkube.core.exceptions import ApiError
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.resources.core_v1 import Pod
+
+from extproc.pool.discovery import format_address
+from extproc.pool.pool import EndpointPool
+
+InferencePool = create_namespaced_resource(
+    "inference.networking.k8s.io", "v1", "InferencePool", "inferencepools"
+)
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+
+
+class PoolSpecError(ValueError):
+    """The InferencePool lacks a selector or target ports this watcher can use."""
+
+
+def pool_spec(pool: Any) -> tuple[dict[str, str], tuple[int, ...]]:
+    """(matchLabels, target ports) of an InferencePool object."""
+    spec = getattr(pool, "spec", None) or {}
+    labels = (spec.get("selector") or {}).get("matchLabels") or {}
+    ports = tuple(int(p["number"]) for p in spec.get("targetPorts") or [])
+    if not labels or not ports:
+        raise PoolSpecError("the InferencePool needs spec.selector.matchLabels and targetPorts")
+    return {str(k): str(v) for k, v in labels.items()}, ports
+
+
+def pod_ready(pod: Pod) -> bool:
+    status, metadata = pod.status, pod.metadata
+    if status is None or not status.podIP or status.phase != "Running":
+        return False
+    if metadata is not None and metadata.deletionTimestamp is not None:
+        return False
+    return any(c.type == "Ready" and c.status == "True" for c in status.conditions or [])
+
+
+def _name(pod: Pod) -> str:
+    return (pod.metadata.name if pod.metadata else None) or ""
+
+
+class InferencePoolWatch:
+    """Keep `pool`'s "kubernetes" source equal to the InferencePool's ready Pods."""
+
+    def __init__(
+        self,
+        pool: EndpointPool,
+        name: str,
+        client_factory: Callable[[], AsyncClient] = AsyncClient,
+        sync_timeout: float = 10.0,
+    ) -> None:
+        namespace, _, pool_name = name.rpartition("/")
+        self._pool = pool
+        self._namespace = namespace or None
+        self._name = pool_name
+        self._client_factory = client_factory
+        self._sync_timeout = sync_timeout
+        self._client: AsyncClient | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._pods: dict[str, Pod] = {}
+        self._ports: tuple[int, ...] = ()
+        self.synced = asyncio.Event()
+        """Set once the first list was published."""
+        self.relists = 0
+        self._log = structlog.get_logger("extproc.pool")
+
+    async def start(self) -> None:
+        self._client = self._client_factory()
+        self._task = asyncio.create_task(self._run())
+        # Serve once the Pods are known, or after a bounded wait on a slow API server.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.synced.wait(), self._sync_timeout)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_FIRST
+        while True:
+            try:
+                await self._list_and_watch()
+            except ApiError as error:
+                if error.status.code == 410:
+                    self._log.info("pod watch expired (410 Gone): listing again")
+                    continue
+                self._log.warning("InferencePool watch failed", error=str(error))
+            except (httpx2.HTTPError, PoolSpecError, ValueError) as error:
+                self._log.warning("InferencePool watch failed", error=str(error))
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _list_and_watch(self) -> None:
+        client = self._client
+        assert client is not None
+        inference_pool = await client.get(InferencePool, self._name, namespace=self._namespace)
+        match_labels, self._ports = pool_spec(inference_pool)
+        labels: LabelSelector = dict(match_labels)
+        pods = client.list(Pod, namespace=self._namespace, labels=labels)
+        self._pods = {_name(pod): pod async for pod in pods if _name(pod)}
+        self.relists += 1
+        self._publish()
+        self.synced.set()
+        watch = client.watch(
+            Pod, namespace=self._namespace, labels=labels, resource_version=pods.resourceVersion
+        )
+        async for kind, pod in watch:
+            name = _name(pod)
+            if not name:
+                continue
+            if kind == "DELETED":
+                self._pods.pop(name, None)
+            else:
+                self._pods[name] = pod
+            self._publish()
+
+    def _publish(self) -> None:
+        endpoints: dict[str, bool] = {}
+        for pod in self._pods.values():
+            ip = pod.status.podIP if pod.status else None
+            if not ip:
+                continue
+            ready = pod_ready(pod)
+            for port in self._ports:
+                endpoints[format_address(ip, port)] = ready
+        self._pool.update("kubernetes", endpoints)

@@ -1,0 +1,210 @@
+"""Full-duplex bodies (as InferencePool gateways configure them), spoken to by a real
+gRPC client: detected from the stream, every chunk handed back unchanged and in order,
+the request held while its body keeps arriving, and counted out exactly once."""
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from extproc.service.app import Service
+from tests.conftest import StartService
+from tests.support.extproc_client import (
+    duplex_headers,
+    eventually,
+    request_body,
+    response_body,
+    response_headers,
+    set_headers,
+    streamed,
+    workload_headers,
+)
+
+
+@pytest.fixture
+async def stub_for() -> AsyncIterator[Any]:
+    channels: list[grpc.aio.Channel] = []
+
+    def open_stub(service: Service) -> Any:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
+        channels.append(channel)
+        return pb_grpc.ExternalProcessorStub(channel)
+
+    yield open_stub
+    for channel in channels:
+        await channel.close()
+
+
+def active(service: Service, workload: str) -> int:
+    status = service.reader.get(workload)
+    return status.metrics.active_requests if status else 0
+
+
+async def test_body_chunks_come_back_unchanged_after_the_headers_answer(
+    start_service: StartService, stub_for: Any
+) -> None:
+    service = await start_service()
+    stream = stub_for(service).Process()
+    chunks = [b'{"model": "m", ', b'"prompt": "hello"}', b""]
+    await stream.write(duplex_headers("a"))
+    for index, chunk in enumerate(chunks):
+        await stream.write(request_body(chunk, end_of_stream=index == len(chunks) - 1))
+    answer = await stream.read()
+    assert answer.WhichOneof("response") == "request_headers"
+    assert set_headers(answer)["x-workload-id"] == "a"
+    echoed = [streamed(await stream.read()) for _ in chunks]
+    assert echoed == [("request_body", c, i == len(chunks) - 1) for i, c in enumerate(chunks)]
+    # The response body goes back chunk by chunk too, and its end completes the request.
+    await stream.write(response_headers(end_of_stream=False))
+    assert (await stream.read()).WhichOneof("response") == "response_headers"
+    await stream.write(response_body(b"data: 1\n\n"))
+    assert streamed(await stream.read()) == ("response_body", b"data: 1\n\n", False)
+    assert active(service, "a") == 1
+    await stream.write(response_body(b"", end_of_stream=True))
+    assert streamed(await stream.read()) == ("response_body", b"", True)
+    assert active(service, "a") == 0
+    await stream.done_writing()
+    assert await stream.read() == grpc.aio.EOF
+    assert service.flow.in_flight == 0
+
+
+async def test_trailer_mode_is_untouched_by_bodies(
+    start_service: StartService, stub_for: Any
+) -> None:
+    # Without protocol_config saying full-duplex, body messages get plain answers.
+    service = await start_service()
+    stream = stub_for(service).Process()
+    await stream.write(workload_headers("a"))
+    assert (await stream.read()).WhichOneof("response") == "request_headers"
+    await stream.write(response_body(b"x", end_of_stream=True))
+    answer = await stream.read()
+    assert answer.WhichOneof("response") == "response_body"
+    assert not answer.response_body.response.HasField("body_mutation")
+    assert active(service, "a") == 0
+
+
+@pytest.mark.parametrize(
+    "body", [b"not json at all \xff\x00", b"[1, 2, 3]", b'{"prompt": "' + b"x" * 5000 + b'"}']
+)
+async def test_unreadable_or_large_bodies_pass_unchanged(
+    start_service: StartService, stub_for: Any, body: bytes
+) -> None:
+    service = await start_service(max_body_bytes=1024)
+    stream = stub_for(service).Process()
+    await stream.write(duplex_headers("a"))
+    pieces = [body[i : i + 700] for i in range(0, len(body), 700)]
+    for piece in pieces:
+        await stream.write(request_body(piece))
+    await stream.write(request_body(b"", end_of_stream=True))
+    assert (await stream.read()).WhichOneof("response") == "request_headers"
+    echoed = b""
+    while True:
+        phase, chunk, end = streamed(await stream.read())
+        assert phase == "request_body"
+        echoed += chunk
+        if end:
+            break
+    assert echoed == body
+    stream.cancel()
+    await eventually(lambda: active(service, "a") == 0)
+
+
+async def test_held_request_keeps_taking_its_body_and_sends_it_after_the_answer(
+    start_service: StartService, stub_for: Any
+) -> None:
+    service = await start_service(max_concurrency=1, max_body_bytes=8)
+    stub = stub_for(service)
+    running = stub.Process()
+    await running.write(duplex_headers("a", end_of_stream=True))
+    assert (await running.read()).WhichOneof("response") == "request_headers"
+
+    held = stub.Process()
+    await held.write(duplex_headers("b"))
+    # Past the body limit the request is enqueued without its prompt, and held.
+    await held.write(request_body(b"{" + b" " * 10))
+    hold = await held.read()
+    assert hold.HasField("override_message_timeout")
+    await eventually(lambda: service.flow.queued == 1)
+    later = [b"more", b"and more"]
+    for chunk in later:
+        await held.write(request_body(chunk))
+    await held.write(pb.ProcessingRequest(request_trailers=pb.HttpTrailers()))
+
+    await running.write(response_headers(end_of_stream=True))
+    await running.read()
+    answer = await held.read()
+    assert set_headers(answer)["x-workload-id"] == "b"
+    assert [streamed(await held.read())[1] for _ in range(3)] == [b"{" + b" " * 10, *later]
+    assert (await held.read()).WhichOneof("response") == "request_trailers"
+    held.cancel()
+    running.cancel()
+    await eventually(lambda: active(service, "a") == active(service, "b") == 0)
+    assert service.flow.in_flight == service.flow.queued == 0
+
+
+@pytest.mark.parametrize("ending", ["cancelled", "closed"])
+async def test_a_stream_that_ends_while_held_is_counted_out_once(
+    start_service: StartService, stub_for: Any, ending: str
+) -> None:
+    service = await start_service(max_concurrency=1)
+    stub = stub_for(service)
+    running = stub.Process()
+    await running.write(duplex_headers("a", end_of_stream=True))
+    await running.read()
+    held = stub.Process()
+    await held.write(duplex_headers("b"))
+    await held.write(request_body(b"{}", end_of_stream=True))
+    await held.read()
+    await eventually(lambda: service.flow.queued == 1)
+    if ending == "cancelled":
+        held.cancel()
+    else:
+        await held.done_writing()
+    await eventually(lambda: service.flow.queued == 0 and active(service, "b") == 0)
+    status = service.reader.get("b")
+    assert status is not None
+    assert status.metrics.total_requests == 1
+    assert status.metrics.dispatched_count == 0
+    # The slot stays with the running request; it ending frees it.
+    assert service.flow.in_flight == 1
+    running.cancel()
+    await eventually(lambda: service.flow.in_flight == 0 and active(service, "a") == 0)
+
+
+async def test_a_stream_that_ends_while_its_body_is_read_is_counted_out(
+    start_service: StartService, stub_for: Any
+) -> None:
+    service = await start_service()
+    stream = stub_for(service).Process()
+    await stream.write(duplex_headers("a"))
+    await stream.write(request_body(b'{"prompt": '))
+    await eventually(lambda: active(service, "a") == 1)
+    await stream.done_writing()
+    await eventually(lambda: active(service, "a") == 0)
+    assert service.flow.in_flight == service.flow.queued == 0
+
+
+async def test_tokens_cost_charges_the_estimate_and_corrects_to_the_usage(
+    start_service: StartService, stub_for: Any
+) -> None:
+    service = await start_service(policy="fair-share", fair_share_cost="tokens")
+    policy = service.flow._policy
+    stream = stub_for(service).Process()
+    await stream.write(duplex_headers("a", criticality=1))  # weight 1
+    await stream.write(request_body(b'{"prompt": "' + b"x" * 40 + b'", "max_tokens": 3}', True))
+    assert (await stream.read()).WhichOneof("response") == "request_headers"
+    await stream.read()
+    assert policy.counter("a") == pytest.approx(10 + 2 * 3)  # type: ignore[attr-defined]
+    usage = b'{"usage": {"prompt_tokens": 12, "completion_tokens": 20}}'
+    await stream.write(response_headers(end_of_stream=False))
+    await stream.read()
+    await stream.write(response_body(usage[:9]))
+    await stream.read()
+    await stream.write(response_body(usage[9:], end_of_stream=True))
+    await stream.read()
+    assert policy.counter("a") == pytest.approx(12 + 2 * 20)  # type: ignore[attr-defined]
+    assert policy.cost == "tokens"  # type: ignore[attr-defined]
+    stream.cancel()
