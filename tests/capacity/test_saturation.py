@@ -12,6 +12,10 @@ from extproc.capacity.saturation import MetricsCapacity, Reading, SaturationOpti
 from extproc.capacity.static import StaticCapacity
 from extproc.clock import VirtualClock
 from extproc.contracts import Capacity
+from extproc.flowcontrol.policies import make_policy
+from extproc.flowcontrol.queue import FlowController, FlowRequest
+from extproc.registry.datastore import RegistryDatastore
+from extproc.registry.memory import InMemoryWorkloadRegistry
 from tests.support.model_server import Harness, Scenario, SimModelServer, run_scenario
 
 
@@ -287,3 +291,18 @@ def test_a_server_that_loses_slots_has_its_queue_pulled_back_to_the_threshold() 
     late = harness.trace.backend_waiting[-100:]  # the last 50 s
     assert max(late) <= 2
     assert min(harness.trace.backend_running[-100:]) == 8
+
+
+def test_the_flow_controller_tells_the_gate_which_released_requests_had_a_first_byte() -> None:
+    clock = VirtualClock()
+    gate = MetricsCapacity(["a"], clock, StaticCapacity(0), SaturationOptions(2))
+    gate.end_scrape("a", Reading(waiting=0, kv_cache_usage=None, running=0))
+    registry = InMemoryWorkloadRegistry(clock)
+    policy = make_policy("fcfs", RegistryDatastore(registry), clock)
+    flow = FlowController(policy, clock, capacity=gate, max_queue=10, queue_timeout=None)
+    answered, reset = flow.enqueue(FlowRequest("t", 3)), flow.enqueue(FlowRequest("t", 3))
+    answered.first_byte()
+    reset.close()  # before its headers
+    assert gate.server("a").started_in_flight == 1
+    answered.close()
+    assert gate.server("a").started_in_flight == 0
