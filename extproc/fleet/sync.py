@@ -18,8 +18,12 @@ when another arrives, and a lost reply cannot oversell. Grants are leases:
 a replica that stops syncing (killed, cut off) is forgotten `lease` seconds
 after its last sync, and its slots go back to the others. The grants
 recorded never sum past C, nor, while every replica's lease holds, do the
-limits in force. During a partition longer than a lease the cut-off replica
-uses its fallback while the others share all C: availability over strictness.
+limits in force, even when Redis loses its data while leases run (restart
+without persistence, failover to an empty copy): for one lease after the
+script notices, no replica is granted more than the limit it was using, and
+each replica reloads its whole view of the fleet. During a partition longer
+than a lease the cut-off replica uses its fallback while the others share
+all C: availability over strictness.
 
 The lease is timed locally from the moment the sync was *sent*, less a margin
 (one interval), so it ends before Redis's, which starts when the script runs.

@@ -446,3 +446,60 @@ def test_a_lease_running_out_wakes_the_queue() -> None:
     assert flow.queued == 3
     clock.advance(5.1)  # no sync since: ceil(4 / 2) slots, and nobody completes
     assert [t.outcome for t in tickets] == [Outcome.DISPATCHED, Outcome.DISPATCHED, None]
+
+
+async def flush(redis_server: RedisServer) -> None:
+    """Redis loses its data: a restart without persistence, a failover to an empty one."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+
+
+async def test_after_redis_loses_its_data_the_fleet_is_not_oversold(
+    replica: MakeReplica, redis_server: RedisServer
+) -> None:
+    """Review of #16: the first replica back must not find itself alone while the
+    others' leases (and their requests in flight) still hold."""
+    a, b = await replica(capacity=8), await replica(capacity=8)
+    assert a.capacity is not None
+    assert b.capacity is not None
+    for _ in range(3):
+        a.demand, b.demand = (a.capacity.limit, 20), (b.capacity.limit, 20)
+        await a.fleet.sync()
+        await b.fleet.sync()
+    assert (a.capacity.limit, b.capacity.limit) == (4, 4)
+    await flush(redis_server)
+    a.demand = (4, 20)
+    await a.fleet.sync()
+    assert a.capacity.leased
+    assert b.capacity.leased
+    assert a.capacity.limit + b.capacity.limit <= 8
+    await b.fleet.sync()
+    await a.fleet.sync()
+    assert (a.capacity.limit, b.capacity.limit) == (4, 4)
+    assert sum((await grants(redis_server)).values()) <= 8
+
+
+async def test_after_redis_loses_its_data_each_replica_reloads_its_view(
+    replica: MakeReplica, redis_server: RedisServer
+) -> None:
+    """Review of #16: a replica's last-seen version above Redis's new one would
+    otherwise miss every change made since, for good."""
+    a, b = await replica(), await replica()
+    b.new("gone", 3)
+    for _ in range(10):
+        await b.fleet.sync()
+        await a.fleet.sync()
+    assert a.registry.get_metrics("gone").active_requests == 3  # type: ignore[union-attr]
+    await flush(redis_server)
+    for _ in range(3):
+        b.registry.decrement_active("gone")
+    b.new("after")
+    for _ in range(3):
+        await b.fleet.sync()
+    await a.fleet.sync()
+    assert a.registry.get_metrics("gone") is None
+    assert a.registry.get_metrics("after").active_requests == 1  # type: ignore[union-attr]
+
