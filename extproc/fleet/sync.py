@@ -43,8 +43,9 @@ Exactly once: each sync is numbered, and the script ignores a call numbered
 at or below the last it applied. A sync whose reply was lost may still be
 on its way to Redis; before its deltas are sent again, `fence.lua` raises the
 replica's fence to its number (so it can no longer be applied if it lands
-late) and says whether it was applied. So at most one sync is in doubt at a
-time, and none is ever applied twice.
+late) and says whether it was applied; a sync cancelled while it awaits the
+script (stop() ending the loop) is in doubt the same way. So at most one
+sync is in doubt at a time, and none is ever applied twice.
 """
 
 from __future__ import annotations
@@ -232,6 +233,9 @@ class FleetSync:
         sent_at = self._capacity.clock.now() if self._capacity is not None else 0.0
         try:
             reply = await self._script(args=self._arguments(pending))
+        except asyncio.CancelledError:  # stop(): the call may have run, or may yet
+            self._in_doubt = (self._seq, pending)
+            raise
         except (RedisError, OSError) as error:
             if _never_sent(error):
                 self._registry.restore_pending(pending)

@@ -503,3 +503,29 @@ async def test_after_redis_loses_its_data_each_replica_reloads_its_view(
     assert a.registry.get_metrics("gone") is None
     assert a.registry.get_metrics("after").active_requests == 1  # type: ignore[union-attr]
 
+
+@pytest.mark.parametrize("ran", [False, True], ids=["not-run", "ran"])
+async def test_a_sync_cancelled_by_stop_counts_once(
+    redis_server: RedisServer, replica: MakeReplica, ran: bool
+) -> None:
+    """Review of #16: stop() cancels the loop while it awaits the script; the batch
+    it took must be neither lost nor sent twice."""
+    a, b = Replica(redis_server.url), await replica()
+    await a.fleet.start()
+    run_script = a.fleet._script
+    waiting = asyncio.Event()
+
+    async def hangs(**kwargs: object) -> object:
+        if ran:
+            await run_script(**kwargs)  # type: ignore[arg-type]
+        waiting.set()
+        await asyncio.Event().wait()
+        raise AssertionError("never answered")
+
+    a.fleet._script = hangs  # type: ignore[assignment]
+    a.new("team", 5)
+    await asyncio.wait_for(waiting.wait(), 10)
+    a.fleet._script = run_script
+    await a.fleet.stop()
+    assert await b.fleet.sync()
+    assert b.registry.get_metrics("team").total_requests == 5  # type: ignore[union-attr]
