@@ -45,7 +45,9 @@ on its way to Redis; before its deltas are sent again, `fence.lua` raises the
 replica's fence to its number (so it can no longer be applied if it lands
 late) and says whether it was applied; a sync cancelled while it awaits the
 script (stop() ending the loop) is in doubt the same way. So at most one
-sync is in doubt at a time, and none is ever applied twice.
+sync is in doubt at a time, and none is ever applied twice. A replica that
+ever lost a reply keeps its fence when it leaves, so a late copy cannot bring
+it back into the fleet (and its slots into the sharing) after it has gone.
 """
 
 from __future__ import annotations
@@ -179,6 +181,8 @@ class FleetSync:
         self._seq = 0
         self._in_doubt: tuple[int, dict[str, Pending]] | None = None
         """The one sync that may or may not have run in Redis (its reply was lost)."""
+        self._ever_in_doubt = False
+        """A copy of some sync may still be on its way: leaving keeps the fence."""
         self._since = -1
         """The fleet's version as of this replica's last sync; -1: ask for everything."""
         self._task: asyncio.Task[None] | None = None
@@ -202,7 +206,8 @@ class FleetSync:
             self._task = None
         await self.sync()
         with contextlib.suppress(RedisError, OSError):
-            await self._leave(args=[self.options.prefix, self.replica])
+            fence = self._seq if self._ever_in_doubt else 0
+            await self._leave(args=[self.options.prefix, self.replica, fence])
         await self._redis.aclose()
 
     def status(self) -> FleetStatus:
@@ -234,13 +239,13 @@ class FleetSync:
         try:
             reply = await self._script(args=self._arguments(pending))
         except asyncio.CancelledError:  # stop(): the call may have run, or may yet
-            self._in_doubt = (self._seq, pending)
+            self._doubt(pending)
             raise
         except (RedisError, OSError) as error:
             if _never_sent(error):
                 self._registry.restore_pending(pending)
             else:
-                self._in_doubt = (self._seq, pending)
+                self._doubt(pending)
             self._failed(error)
             return False
         if int(reply[0]) < 0:  # refused as late: cannot be, numbers only grow
@@ -259,6 +264,10 @@ class FleetSync:
             self._connected = True
             self._log.info("fleet sync up", redis=redact_url(self.options.url), replicas=replicas)
         return True
+
+    def _doubt(self, pending: dict[str, Pending]) -> None:
+        self._in_doubt = (self._seq, pending)
+        self._ever_in_doubt = True
 
     async def _settle(self) -> None:
         """Fence off the sync in doubt and learn whether it ran; if not, its deltas

@@ -529,3 +529,37 @@ async def test_a_sync_cancelled_by_stop_counts_once(
     await a.fleet.stop()
     assert await b.fleet.sync()
     assert b.registry.get_metrics("team").total_requests == 5  # type: ignore[union-attr]
+
+
+async def test_a_late_copy_of_the_last_sync_cannot_bring_a_departed_replica_back(
+    redis_server: RedisServer,
+) -> None:
+    """Review of #16: stop()'s last sync lost its reply, the replica left; the call
+    landing afterwards must be refused, not re-admit the replica for a lease."""
+    a = Replica(redis_server.url, capacity=4)
+    await a.fleet.start()
+    run_script = a.fleet._script
+    on_the_way: list[dict[str, object]] = []
+
+    async def lost_in_the_network(**kwargs: object) -> object:
+        on_the_way.append(kwargs)
+        raise RedisTimeoutError("Timeout reading from socket")
+
+    a.fleet._script = lost_in_the_network  # type: ignore[assignment]
+    a.new("team", 2)
+    await a.fleet.stop()
+    assert on_the_way
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        late = client.register_script(run_script.script)
+        reply = await late(**on_the_way[-1])  # type: ignore[arg-type]
+        assert int(reply[0]) < 0
+        assert await client.zscore("test:replicas", a.fleet.replica) is None
+        assert await client.hget("test:held", a.fleet.replica) is None  # type: ignore[misc]
+        clean = Replica(redis_server.url, capacity=4)
+        await clean.fleet.start()
+        await clean.fleet.stop()  # no reply ever lost: nothing of it is kept
+        for kept in ("test:seq", "test:fence"):
+            assert await client.hget(kept, clean.fleet.replica) is None  # type: ignore[misc]
+    finally:
+        await client.aclose()
