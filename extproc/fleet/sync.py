@@ -28,7 +28,9 @@ all C: availability over strictness.
 The lease is timed locally from the moment the sync was *sent*, less a margin
 (one interval), so it ends before Redis's, which starts when the script runs.
 Before its first good sync a replica assumes `replicas` replicas
-(`--registry-replicas-hint`), not that it is alone.
+(`--registry-replicas-hint`), not that it is alone. Redis's leases run on
+Redis's clock: a forward step of it larger than a lease forgets the other
+replicas while they still hold slots (not guarded against; NTP slews).
 
 Redis trouble: a failed or slow sync logs once, counts an error and keeps the
 deltas for the next one; requests are served on the local view and readiness
