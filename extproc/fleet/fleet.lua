@@ -22,9 +22,17 @@
 --    grant is computed against the others' holdings, each holding is at least
 --    its grant, so the grants recorded never sum past capacity, nor do the
 --    limits in force while every replica's lease holds.
+--    That holds across a loss of Redis's data too (restart without persistence,
+--    failover to an empty or older copy), which forgets every holding while the
+--    replicas' leases still run: a replica that saw a newer version than Redis
+--    has, or synced before and has no sync number here, reveals the loss, and
+--    for one lease from then no replica is granted more than the limit it was
+--    using (it sends it), so the limits can only shrink until every lease
+--    granted before the loss has ended.
 -- 4. Return the grant, the live replica count, and the workloads changed since
---    the version this replica last saw (every workload when it saw none, or
---    when forgotten workloads it has not heard of were pruned since): their
+--    the version this replica last saw (every workload when it saw none, when
+--    forgotten workloads it has not heard of were pruned since, or after a loss
+--    of Redis's data, so the replica drops its stale view and reloads): their
 --    fleet-wide counters, rate-window counters (the replica computes the rate
 --    as time passes), and the active requests of the *other* replicas.
 --    A sync costs O(changes + live replicas), not O(workloads).
@@ -42,7 +50,7 @@ local WORKLOADS, REPLICAS = P .. ':workloads', P .. ':replicas'
 local HELD, GRANT, DEMAND = P .. ':held', P .. ':grant', P .. ':demand'
 local SEQ, FENCE = P .. ':seq', P .. ':fence'
 local ACTIVE, CHANGED, GONE = P .. ':active-total', P .. ':changed', P .. ':gone'
-local VERSION, FLOOR = P .. ':version', P .. ':floor'
+local VERSION, FLOOR, RESET = P .. ':version', P .. ':floor', P .. ':reset-until'
 
 -- 0. late calls change nothing
 local last = tonumber(redis.call('HGET', SEQ, me) or '-1')
@@ -53,6 +61,17 @@ redis.call('HSET', SEQ, me, seq)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local version = redis.call('INCR', VERSION)
+-- Redis lost its data (restarted empty, failed over to an empty or older copy)
+-- if this replica saw a version it does not have, or synced before and has no
+-- sync number here. The replicas' leases granted before still hold, for at most
+-- one lease: until then, no grant above the limit a replica already uses.
+local reset = since >= version or (since >= 0 and last < 0)
+local cautious_until = tonumber(redis.call('GET', RESET) or '0')
+if reset and now >= cautious_until then
+  cautious_until = now + lease
+  redis.call('SET', RESET, cautious_until)
+end
+local cautious = now < cautious_until
 local function touch(id) redis.call('ZADD', CHANGED, version, id) end
 
 -- The sliding-window rate of extproc/registry/rate.py, on hash fields st bs cur prev.
@@ -147,6 +166,7 @@ if capacity > 0 then
     share[r] = share[r] + each + ((i <= extra) and 1 or 0)
   end
   granted = math.max(0, math.min(share[me], capacity - others_held))
+  if cautious then granted = math.min(granted, using) end
   redis.call('HSET', GRANT, me, granted)
   redis.call('HSET', HELD, me, math.max(granted, in_flight, using))
 end
@@ -170,7 +190,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', GONE, '-inf', '(' .. (now - idle
 end
 redis.call('SET', FLOOR, floor)
 
-local full = since < floor
+local full = since < floor or reset
 local ids
 if full then
   ids = redis.call('ZRANGE', WORKLOADS, 0, -1)

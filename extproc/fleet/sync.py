@@ -18,13 +18,19 @@ when another arrives, and a lost reply cannot oversell. Grants are leases:
 a replica that stops syncing (killed, cut off) is forgotten `lease` seconds
 after its last sync, and its slots go back to the others. The grants
 recorded never sum past C, nor, while every replica's lease holds, do the
-limits in force. During a partition longer than a lease the cut-off replica
-uses its fallback while the others share all C: availability over strictness.
+limits in force, even when Redis loses its data while leases run (restart
+without persistence, failover to an empty copy): for one lease after the
+script notices, no replica is granted more than the limit it was using, and
+each replica reloads its whole view of the fleet. During a partition longer
+than a lease the cut-off replica uses its fallback while the others share
+all C: availability over strictness.
 
 The lease is timed locally from the moment the sync was *sent*, less a margin
 (one interval), so it ends before Redis's, which starts when the script runs.
 Before its first good sync a replica assumes `replicas` replicas
-(`--registry-replicas-hint`), not that it is alone.
+(`--registry-replicas-hint`), not that it is alone. Redis's leases run on
+Redis's clock: a forward step of it larger than a lease forgets the other
+replicas while they still hold slots (not guarded against; NTP slews).
 
 Redis trouble: a failed or slow sync logs once, counts an error and keeps the
 deltas for the next one; requests are served on the local view and readiness
@@ -39,8 +45,11 @@ Exactly once: each sync is numbered, and the script ignores a call numbered
 at or below the last it applied. A sync whose reply was lost may still be
 on its way to Redis; before its deltas are sent again, `fence.lua` raises the
 replica's fence to its number (so it can no longer be applied if it lands
-late) and says whether it was applied. So at most one sync is in doubt at a
-time, and none is ever applied twice.
+late) and says whether it was applied; a sync cancelled while it awaits the
+script (stop() ending the loop) is in doubt the same way. So at most one
+sync is in doubt at a time, and none is ever applied twice. A replica that
+ever lost a reply keeps its fence when it leaves, so a late copy cannot bring
+it back into the fleet (and its slots into the sharing) after it has gone.
 """
 
 from __future__ import annotations
@@ -174,6 +183,8 @@ class FleetSync:
         self._seq = 0
         self._in_doubt: tuple[int, dict[str, Pending]] | None = None
         """The one sync that may or may not have run in Redis (its reply was lost)."""
+        self._ever_in_doubt = False
+        """A copy of some sync may still be on its way: leaving keeps the fence."""
         self._since = -1
         """The fleet's version as of this replica's last sync; -1: ask for everything."""
         self._task: asyncio.Task[None] | None = None
@@ -197,7 +208,8 @@ class FleetSync:
             self._task = None
         await self.sync()
         with contextlib.suppress(RedisError, OSError):
-            await self._leave(args=[self.options.prefix, self.replica])
+            fence = self._seq if self._ever_in_doubt else 0
+            await self._leave(args=[self.options.prefix, self.replica, fence])
         await self._redis.aclose()
 
     def status(self) -> FleetStatus:
@@ -228,11 +240,14 @@ class FleetSync:
         sent_at = self._capacity.clock.now() if self._capacity is not None else 0.0
         try:
             reply = await self._script(args=self._arguments(pending))
+        except asyncio.CancelledError:  # stop(): the call may have run, or may yet
+            self._doubt(pending)
+            raise
         except (RedisError, OSError) as error:
             if _never_sent(error):
                 self._registry.restore_pending(pending)
             else:
-                self._in_doubt = (self._seq, pending)
+                self._doubt(pending)
             self._failed(error)
             return False
         if int(reply[0]) < 0:  # refused as late: cannot be, numbers only grow
@@ -251,6 +266,10 @@ class FleetSync:
             self._connected = True
             self._log.info("fleet sync up", redis=redact_url(self.options.url), replicas=replicas)
         return True
+
+    def _doubt(self, pending: dict[str, Pending]) -> None:
+        self._in_doubt = (self._seq, pending)
+        self._ever_in_doubt = True
 
     async def _settle(self) -> None:
         """Fence off the sync in doubt and learn whether it ran; if not, its deltas

@@ -446,3 +446,120 @@ def test_a_lease_running_out_wakes_the_queue() -> None:
     assert flow.queued == 3
     clock.advance(5.1)  # no sync since: ceil(4 / 2) slots, and nobody completes
     assert [t.outcome for t in tickets] == [Outcome.DISPATCHED, Outcome.DISPATCHED, None]
+
+
+async def flush(redis_server: RedisServer) -> None:
+    """Redis loses its data: a restart without persistence, a failover to an empty one."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+
+
+async def test_after_redis_loses_its_data_the_fleet_is_not_oversold(
+    replica: MakeReplica, redis_server: RedisServer
+) -> None:
+    """Review of #16: the first replica back must not find itself alone while the
+    others' leases (and their requests in flight) still hold."""
+    a, b = await replica(capacity=8), await replica(capacity=8)
+    assert a.capacity is not None
+    assert b.capacity is not None
+    for _ in range(3):
+        a.demand, b.demand = (a.capacity.limit, 20), (b.capacity.limit, 20)
+        await a.fleet.sync()
+        await b.fleet.sync()
+    assert (a.capacity.limit, b.capacity.limit) == (4, 4)
+    await flush(redis_server)
+    a.demand = (4, 20)
+    await a.fleet.sync()
+    assert a.capacity.leased
+    assert b.capacity.leased
+    assert a.capacity.limit + b.capacity.limit <= 8
+    await b.fleet.sync()
+    await a.fleet.sync()
+    assert (a.capacity.limit, b.capacity.limit) == (4, 4)
+    assert sum((await grants(redis_server)).values()) <= 8
+
+
+async def test_after_redis_loses_its_data_each_replica_reloads_its_view(
+    replica: MakeReplica, redis_server: RedisServer
+) -> None:
+    """Review of #16: a replica's last-seen version above Redis's new one would
+    otherwise miss every change made since, for good."""
+    a, b = await replica(), await replica()
+    b.new("gone", 3)
+    for _ in range(10):
+        await b.fleet.sync()
+        await a.fleet.sync()
+    assert a.registry.get_metrics("gone").active_requests == 3  # type: ignore[union-attr]
+    await flush(redis_server)
+    for _ in range(3):
+        b.registry.decrement_active("gone")
+    b.new("after")
+    for _ in range(3):
+        await b.fleet.sync()
+    await a.fleet.sync()
+    assert a.registry.get_metrics("gone") is None
+    assert a.registry.get_metrics("after").active_requests == 1  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("ran", [False, True], ids=["not-run", "ran"])
+async def test_a_sync_cancelled_by_stop_counts_once(
+    redis_server: RedisServer, replica: MakeReplica, ran: bool
+) -> None:
+    """Review of #16: stop() cancels the loop while it awaits the script; the batch
+    it took must be neither lost nor sent twice."""
+    a, b = Replica(redis_server.url), await replica()
+    await a.fleet.start()
+    run_script = a.fleet._script
+    waiting = asyncio.Event()
+
+    async def hangs(**kwargs: object) -> object:
+        if ran:
+            await run_script(**kwargs)  # type: ignore[arg-type]
+        waiting.set()
+        await asyncio.Event().wait()
+        raise AssertionError("never answered")
+
+    a.fleet._script = hangs  # type: ignore[assignment]
+    a.new("team", 5)
+    await asyncio.wait_for(waiting.wait(), 10)
+    a.fleet._script = run_script
+    await a.fleet.stop()
+    assert await b.fleet.sync()
+    assert b.registry.get_metrics("team").total_requests == 5  # type: ignore[union-attr]
+
+
+async def test_a_late_copy_of_the_last_sync_cannot_bring_a_departed_replica_back(
+    redis_server: RedisServer,
+) -> None:
+    """Review of #16: stop()'s last sync lost its reply, the replica left; the call
+    landing afterwards must be refused, not re-admit the replica for a lease."""
+    a = Replica(redis_server.url, capacity=4)
+    await a.fleet.start()
+    run_script = a.fleet._script
+    on_the_way: list[dict[str, object]] = []
+
+    async def lost_in_the_network(**kwargs: object) -> object:
+        on_the_way.append(kwargs)
+        raise RedisTimeoutError("Timeout reading from socket")
+
+    a.fleet._script = lost_in_the_network  # type: ignore[assignment]
+    a.new("team", 2)
+    await a.fleet.stop()
+    assert on_the_way
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        late = client.register_script(run_script.script)
+        reply = await late(**on_the_way[-1])  # type: ignore[arg-type]
+        assert int(reply[0]) < 0
+        assert await client.zscore("test:replicas", a.fleet.replica) is None
+        assert await client.hget("test:held", a.fleet.replica) is None  # type: ignore[misc]
+        clean = Replica(redis_server.url, capacity=4)
+        await clean.fleet.start()
+        await clean.fleet.stop()  # no reply ever lost: nothing of it is kept
+        for kept in ("test:seq", "test:fence"):
+            assert await client.hget(kept, clean.fleet.replica) is None  # type: ignore[misc]
+    finally:
+        await client.aclose()
