@@ -271,3 +271,25 @@ async def test_each_direction_follows_its_own_body_mode(
         assert answer == pb.ProcessingResponse(response_body=pb.BodyResponse())
     stream.cancel()
     await eventually(lambda: active(service, "a") == 0)
+
+
+async def test_tokens_cost_keeps_the_estimate_of_an_error_response(
+    start_service: StartService, stub_for: Any
+) -> None:
+    # A backend's error body reports no usage: the request stays charged its estimate
+    # and the cost stays tokens (one such response is no reason to give up the unit).
+    service = await start_service(policy="fair-share", fair_share_cost="tokens")
+    policy = service.flow._policy
+    stream = stub_for(service).Process()
+    await stream.write(duplex_headers("a", criticality=1))
+    await stream.write(request_body(b'{"prompt": "' + b"x" * 40 + b'", "max_tokens": 3}', True))
+    await after_hold(stream)
+    await stream.read()
+    await stream.write(response_headers(end_of_stream=False))
+    await stream.read()
+    await stream.write(response_body(b'{"error": {"message": "too long"}}', end_of_stream=True))
+    await stream.read()
+    await eventually(lambda: active(service, "a") == 0)
+    assert policy.cost == "tokens"  # type: ignore[attr-defined]
+    assert policy.counter("a") == pytest.approx(10 + 2 * 3)  # type: ignore[attr-defined]
+    stream.cancel()
