@@ -23,8 +23,8 @@ Per stream, in order:
    workload the full registry cannot take is answered 429 `registry-full`, or
    tracked as the shared `overflow` workload. In full-duplex mode, when the
    headers do not end the request, a lone `override_message_timeout` goes out
-   first (Envoy's short message timeout, meant to catch a hung processor, runs
-   from the headers and would otherwise fire while a slow body arrives), then
+   first (Envoy's short message timeout, meant to catch a hung processor, may
+   run from the headers and must not fire while a slow body arrives), then
    the body is read (until its end, or until it passes `max_body_bytes`). Then
    enqueue, with the prompt and the gateway's subset hint when picking
    endpoints. When the queue cannot decide at once and no hold went out yet,
@@ -266,8 +266,8 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                     response = self._admit(message, exchange)
                     held = False
                     if response is None and not exchange.request_done:
-                        # The body may arrive slowly: Envoy's message timeout runs
-                        # from the headers, so extend it before reading.
+                        # The body may arrive slowly: extend Envoy's message timeout
+                        # (which may run from the headers) before reading it.
                         held = True
                         yield self._hold
                     if response is None:
