@@ -20,9 +20,13 @@ Algorithm
   at dispatch c_w += (input + 2 * output)/weight with the request's estimate
   (prompt length, max_tokens; the workload's last measured cost when the body
   was not read); at completion the charge is corrected to the response's
-  reported `usage`. The first response that completes without usage switches
-  the policy to `occupancy` for good (it says so once in the log): a unit that
-  cannot be measured must not be billed by guesses alone.
+  reported `usage`. A response that completes without usage (an error body,
+  an Envoy local reply, a stream without include_usage) keeps its request's
+  estimate, uncorrected: one such response says nothing about the others.
+  Only a run of `fallback_after` (20) consecutive responses without usage
+  switches the policy to `occupancy` for good (it says so once in the log):
+  a unit that is never measured must not be billed by guesses alone. A
+  response with usage ends the run.
 - No banking of idle credit: when a workload with nothing queued enqueues,
   c_w = max(c_w, floor). The floor is the system's virtual time -- the
   counter, before charging, of the most recent dispatch, as in start-time
@@ -66,6 +70,8 @@ OUTPUT_TOKEN_WEIGHT = 2.0
 """An answer token costs this many prompt tokens (decode is dearer than prefill)."""
 DEFAULT_WEIGHTS: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0)
 _ESTIMATE_ALPHA = 0.2
+FALLBACK_AFTER = 20
+"""tokens: this many consecutive responses without usage switch the cost to occupancy."""
 
 
 class FairSharePolicy(KeyedPolicy):
@@ -77,6 +83,7 @@ class FairSharePolicy(KeyedPolicy):
         cost: Cost = "occupancy",
         criticality_weights: Sequence[float] = DEFAULT_WEIGHTS,
         workload_weight: Callable[[str], float | None] | None = None,
+        fallback_after: int = FALLBACK_AFTER,
     ) -> None:
         if len(criticality_weights) != len(DEFAULT_WEIGHTS) or min(criticality_weights) <= 0:
             raise ValueError("criticality weights: five positive numbers, for criticality 1..5")
@@ -91,6 +98,9 @@ class FairSharePolicy(KeyedPolicy):
         self._average_service: float | None = None
         self._token_costs: dict[str, float] = {}
         """tokens: each workload's last measured cost, the estimate for an unread body."""
+        self._fallback_after = fallback_after
+        self._without_usage = 0
+        """tokens: consecutive responses that reported no usage."""
         self._virtual_time = 0.0
         self._backlog: list[tuple[float, str]] = []
         """(counter, workload) of backlogged workloads; see the module's note on staleness."""
@@ -142,13 +152,16 @@ class FairSharePolicy(KeyedPolicy):
         if self.cost != "tokens" or item.seq not in self._charged:
             return
         if usage is None:
-            structlog.get_logger("extproc.policy").warning(
-                "fair-share-cost-fallback",
-                detail="a response reported no token usage: fair-share charges occupancy "
-                "(slot-seconds) from now on",
-            )
-            self.cost = "occupancy"
+            self._without_usage += 1
+            if self._without_usage >= self._fallback_after:
+                structlog.get_logger("extproc.policy").warning(
+                    "fair-share-cost-fallback",
+                    detail=f"{self._without_usage} responses in a row reported no token "
+                    "usage: fair-share charges occupancy (slot-seconds) from now on",
+                )
+                self.cost = "occupancy"
             return
+        self._without_usage = 0
         measured = _token_cost(usage)
         self._counters[item.workload_id] += (measured - self._charged[item.seq]) / self._weight(
             item

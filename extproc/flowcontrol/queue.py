@@ -48,8 +48,15 @@ Endpoints (when the controller has a `contracts.EndpointPool`)
   placed now, the one it ranks first; then the pool decides WHERE (late
   binding: the endpoint is chosen at release, from the state of that moment).
 - A head whose allowed endpoints are all full is skipped, keeping its key and
-  its place: it blocks only its own flow, never a request that could go
-  elsewhere. Invariant: the queue holds no head that could be placed now.
+  its place. Requests of other flows pass it. But it does block the later
+  requests of its own flow (same workload, same criticality), even those
+  whose subset hints name endpoints with room: a flow is FIFO -- only its
+  head competes, which keeps each decision O(log W) and a workload's requests
+  of one criticality in arrival order -- so nothing behind the head is
+  looked at until the head goes (released, timed out, or gone). A workload
+  that sends requests pinned to different endpoints at one criticality
+  should expect that head-of-line wait. Invariant: the queue holds no head
+  that could be placed now.
 - Fairness: without subset hints every head may use every endpoint, so the
   order is exactly the policy's. With them, the policy's order holds among
   the requests that can be placed at each instant; a skipped head goes first

@@ -12,6 +12,9 @@ Algorithm
   version it saw. A 410 Gone (that version is too old) or any failure of the
   API server ends the watch; the loop then re-reads the InferencePool and
   re-lists, after a backoff (doubling, capped) when the failure was not a 410.
+  A round whose list went through restarts the backoff from its first step:
+  a watch that served for an hour and then dropped says nothing about the
+  API server being down, so it must not inherit an earlier outage's delay.
   Meanwhile the last set published stays in force: an unreachable API server
   never empties the pool.
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx2
@@ -81,6 +84,7 @@ class InferencePoolWatch:
         name: str,
         client_factory: Callable[[], AsyncClient] = AsyncClient,
         sync_timeout: float = 10.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         namespace, _, pool_name = name.rpartition("/")
         self._pool = pool
@@ -88,6 +92,7 @@ class InferencePoolWatch:
         self._name = pool_name
         self._client_factory = client_factory
         self._sync_timeout = sync_timeout
+        self._sleep = sleep
         self._client: AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._pods: dict[str, Pod] = {}
@@ -117,6 +122,7 @@ class InferencePoolWatch:
     async def _run(self) -> None:
         backoff = BACKOFF_FIRST
         while True:
+            relists = self.relists
             try:
                 await self._list_and_watch()
             except ApiError as error:
@@ -126,7 +132,9 @@ class InferencePoolWatch:
                 self._log.warning("InferencePool watch failed", error=str(error))
             except (httpx2.HTTPError, PoolSpecError, ValueError) as error:
                 self._log.warning("InferencePool watch failed", error=str(error))
-            await asyncio.sleep(backoff)
+            if self.relists != relists:  # this round listed: the API server was up
+                backoff = BACKOFF_FIRST
+            await self._sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _list_and_watch(self) -> None:

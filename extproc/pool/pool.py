@@ -7,10 +7,15 @@ at once and the pool's books when its last request in flight completes, so
 every count taken is given back.
 
 A pick (`contracts.EndpointPool.pick`): the ready endpoints the request may
-use are ranked by the picker (ties broken at random by the injected RNG); the
-best one with room is the primary and is charged the request; the next two
-best are the fallbacks. The prompt's block hashes are then remembered on the
-primary, for the prefix scorer's next picks.
+use are ranked by the picker (ties broken at random by the injected RNG, for
+the primary and the fallbacks alike); the best one with room is the primary
+and is charged the request; the next two best are the fallbacks. A pick
+never fails: `has_room` and `pick` read the clock apart, so should no
+candidate have room (or be ready) at the pick's instant, the best ready one
+(else the best listed one) is the primary -- one request over an endpoint's
+room, never an exception in the middle of a dispatch. The prompt's block
+hashes are then remembered on the primary, for the prefix scorer's next
+picks.
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ class EndpointPool:
             endpoint.discovered_ready = ready
         for address, endpoint in list(self._endpoints.items()):
             if address not in listed:
+                self._drop_stale_timer(address)
                 endpoint.discovered_ready = False
                 if endpoint.in_flight == 0:
                     del self._endpoints[address]
@@ -114,13 +120,16 @@ class EndpointPool:
 
     def scraped(self, endpoint: Endpoint) -> None:
         """A scrape of `endpoint` landed: it may have room now, and will when it goes stale."""
-        timer = self._stale_timers.pop(endpoint.address, None)
-        if timer is not None:
-            timer.cancel()
+        self._drop_stale_timer(endpoint.address)
         # Stale means "count in flight only", which may open room: wake at that instant.
         after = self.options.saturation.stale_after + STALE_MARGIN
         self._stale_timers[endpoint.address] = self._clock.call_later(after, self._wake)
         self._wake()
+
+    def _drop_stale_timer(self, address: str) -> None:
+        timer = self._stale_timers.pop(address, None)
+        if timer is not None:
+            timer.cancel()
 
     # -- contracts.EndpointPool -------------------------------------------
 
@@ -146,19 +155,24 @@ class EndpointPool:
     def pick(self, pick: PickRequest | None) -> tuple[str, ...]:
         now = self._clock.now()
         subset = pick.subset if pick is not None else None
-        candidates = self._candidates(subset, now)
+        # Admitted by has_room a moment ago; see the module's note on a pick never failing.
+        candidates = self._candidates(subset, now) or self._listed(subset)
         prompt = pick.prompt if pick is not None else None
         hashes = block_hashes(prompt, self._block_chars, self._max_blocks) if prompt else ()
         loads = [endpoint.load(now) for endpoint in candidates]
         scores = self.picker.scores(candidates, loads, hashes)
-        roomy = [i for i, load in enumerate(loads) if load.room]
+        roomy = [i for i, load in enumerate(loads) if load.room] or list(range(len(candidates)))
         best = max([scores[i] for i in roomy])
         tied = [i for i in roomy if scores[i] == best]
         chosen = tied[0] if len(tied) == 1 else self._rng.choice(tied)
         primary = candidates[chosen]
-        # Fallbacks: the next best, room or not (they are retries); ties in address order.
-        ranked = heapq.nlargest(FALLBACKS + 1, range(len(scores)), key=scores.__getitem__)
-        fallbacks = [candidates[i].address for i in ranked if i != chosen][:FALLBACKS]
+        # Fallbacks: the next best, room or not (they are retries). nlargest is stable, so
+        # shuffling first breaks its ties at random.
+        others = [i for i in range(len(candidates)) if i != chosen]
+        if len(others) > 1:
+            self._rng.shuffle(others)
+        ranked = heapq.nlargest(FALLBACKS, others, key=scores.__getitem__)
+        fallbacks = [candidates[i].address for i in ranked]
         self.picker.picked(primary)
         primary.picked += 1
         if hashes:
@@ -191,6 +205,9 @@ class EndpointPool:
         endpoint.on_release(started)
         if endpoint.in_flight == 0 and not any(address in s for s in self._sources.values()):
             del self._endpoints[address]
+
+    def _listed(self, subset: frozenset[str] | None) -> list[Endpoint]:
+        return [e for e in self._ordered if subset is None or e.address in subset]
 
     def _candidates(self, subset: frozenset[str] | None, now: float) -> list[Endpoint]:
         if subset is None:

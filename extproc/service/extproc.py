@@ -6,9 +6,10 @@ apart by what Envoy sends (`protocol_config` on the stream's first message),
 never by configuration:
 - trailer mode (bundled envoy.yaml): bodies are not sent; Envoy waits for one
   answer per message, and response trailers mark the response's last byte.
-- full-duplex mode (FULL_DUPLEX_STREAMED request body, as InferencePool
-  gateways configure an endpoint picker): Envoy sends the headers and every
-  body chunk without waiting. The handler reads the request body (up to
+- full-duplex mode (FULL_DUPLEX_STREAMED body, as InferencePool gateways
+  configure an endpoint picker; each direction's mode is read apart, so a
+  response body is echoed only when the response side is full-duplex): Envoy
+  sends the headers and every body chunk without waiting. The handler reads the request body (up to
   `max_body_bytes`, for the prompt and the token estimate), answers the
   headers when the queue has decided, then hands every body chunk back itself
   as a `streamed_response`, in order, the response body's chunks likewise.
@@ -20,12 +21,15 @@ Per stream, in order:
    does not allow: 403, never tracked; a criticality above the workload's
    bound: clamped), then *new* (`workload_handle_new_request`). A new
    workload the full registry cannot take is answered 429 `registry-full`, or
-   tracked as the shared `overflow` workload. In full-duplex mode the body is
-   read next (until its end, or until it passes `max_body_bytes`). Then
+   tracked as the shared `overflow` workload. In full-duplex mode, when the
+   headers do not end the request, a lone `override_message_timeout` goes out
+   first (Envoy's short message timeout, meant to catch a hung processor, may
+   run from the headers and must not fire while a slow body arrives), then
+   the body is read (until its end, or until it passes `max_body_bytes`). Then
    enqueue, with the prompt and the gateway's subset hint when picking
-   endpoints. When the queue cannot decide at once, first send a lone
-   `override_message_timeout` so Envoy's short message timeout (meant to
-   catch a hung processor) does not fire while the request waits its turn.
+   endpoints. When the queue cannot decide at once and no hold went out yet,
+   send it now, so the timeout does not fire while the request waits its
+   turn. At most one hold per stream.
 2. The queue decides. DISPATCHED -> *dispatched*
    (`workload_handle_dispatched_request` with the queue wait) and CONTINUE with
    `x-workload-id` and `x-workload-queue-wait-ms` added upstream and, when
@@ -48,8 +52,9 @@ Await points and cancellation. Envoy resets the stream when the client goes
 away or the backend resets, and grpc.aio raises `CancelledError` in this
 handler wherever it is suspended; `finally` then completes the request, and
 `Ticket.close` evicts it if it was still queued or gives back its slot.
-- `_Stream.next` (reading the next message): cancelled, the read is abandoned
-  with the stream. The stream ending instead (None) ends the handler.
+- `_Stream.next` (reading the next message, including the full-duplex body
+  read before enqueueing): cancelled, the read is abandoned with the stream.
+  The stream ending instead (None) ends the handler.
 - `Ticket.wait` in trailer mode: the ticket leaves the queue (or, if the queue
   released it in that instant, gives its slot to the next request).
 - The full-duplex hold, `asyncio.wait` on the ticket and the next message at
@@ -57,12 +62,18 @@ handler wherever it is suspended; `finally` then completes the request, and
   handler keeps taking them (buffered for the echo) as long as the buffered
   bytes stay within twice `max_body_bytes`; past that it stops reading, so gRPC
   flow control pushes back on Envoy and the client instead of this process
-  buffering without bound (a client going away still arrives as a cancel). A
+  buffering without bound (a client going away still arrives as a cancel).
+  The bound per held stream is therefore twice `max_body_bytes` buffered here
+  plus what gRPC accepts into its flow-control window before pushing back
+  (the HTTP/2 stream window, which gRPC's BDP probing grows), not the former
+  alone: measured on loopback with `max_body_bytes` 1000, a held stream's
+  writer got about 5.4 MB accepted before it was pushed back. A
   stream that ends while held ends the handler. Cancelled there, the hold
   cancels its task on `Ticket.wait` and `finally` cancels the pending read; a
   ticket the queue released in that instant is recorded as client-gone (its
   answer never went out) and `finally` frees its slot.
-- `yield`: cancelled at one, `finally` completes the request.
+- `yield` (the hold, the answer, the echo): cancelled at one, `finally`
+  completes the request.
 Nowhere else does this handler await, so no path skips the `finally`. And when
 grpc.aio ends the RPC without finalising the generator (a failed write leaves it
 suspended at a `yield`), the RPC's done-callback completes the request;
@@ -131,6 +142,7 @@ class _Exchange:
         "echo",
         "echo_bytes",
         "request_done",
+        "response_duplex",
         "started",
         "subset",
         "ticket",
@@ -146,6 +158,10 @@ class _Exchange:
         self.answered = False
         """The request headers' answer was handed to grpc."""
         self.duplex = False
+        """The request body comes full-duplex (read, held, echoed)."""
+        self.response_duplex = False
+        """The response body comes full-duplex (echoed); Envoy sets each direction's
+        mode apart."""
         self.subset: frozenset[str] | None = None
         self.body: BodyBuffer | None = None
         self.echo: list[Any] = []
@@ -248,12 +264,19 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 phase = message.WhichOneof("request")
                 if phase == "request_headers":
                     response = self._admit(message, exchange)
+                    held = False
+                    if response is None and not exchange.request_done:
+                        # The body may arrive slowly: extend Envoy's message timeout
+                        # (which may run from the headers) before reading it.
+                        held = True
+                        yield self._hold
                     if response is None:
                         if not await self._read_body(stream, exchange):
                             return
                         response = self._enqueue(exchange)
                     if response is None:
-                        yield self._hold
+                        if not held:
+                            yield self._hold
                         if not await self._wait(stream, exchange):
                             return
                         response = self._answer(exchange)
@@ -265,10 +288,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 if not phase:
                     continue
                 self._observe(message, phase, exchange)
-                if exchange.duplex and phase.endswith("body"):
-                    yield _streamed(phase, getattr(message, phase))
-                else:
-                    yield _PASS_THROUGH[phase]
+                yield _pass_on(message, phase, exchange)
         finally:
             stream.close()
             self._complete(exchange)
@@ -300,7 +320,9 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
             # rather than count one HTTP request twice.
             return _REQUEST_HEADERS_CONTINUE
         headers = message.request_headers
-        exchange.duplex = message.protocol_config.request_body_mode == _FULL_DUPLEX
+        modes = message.protocol_config
+        exchange.duplex = modes.request_body_mode == _FULL_DUPLEX
+        exchange.response_duplex = modes.response_body_mode == _FULL_DUPLEX
         try:
             workload = self._parser.parse(_context_headers(headers.headers, self._context_headers))
         except ContextError as error:
@@ -328,16 +350,17 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         exchange.workload = workload
         if self._pick:
             exchange.subset = epp.subset_hint(message)
+        # Trailer mode reads no body: nothing to wait for before enqueueing.
+        exchange.request_done = not exchange.duplex or bool(headers.end_of_stream)
         if exchange.duplex:
             exchange.body = BodyBuffer(self._max_body)
-            exchange.request_done = bool(headers.end_of_stream)
         return None
 
     async def _read_body(self, stream: _Stream, exchange: _Exchange) -> bool:
         """Full-duplex: take body chunks until the body ends or passes the limit.
 
         False when the stream ended first."""
-        while exchange.duplex and not exchange.request_done and self._may_read(exchange, 1):
+        while not exchange.request_done and self._may_read(exchange, 1):
             message = await stream.next()
             if message is None:
                 return False
@@ -378,7 +401,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 tokens=estimate(request) if self._count_tokens else None,
             )
         )
-        if self._count_tokens and exchange.duplex:
+        if self._count_tokens and exchange.response_duplex:
             exchange.usage = UsageReader(self._max_body)
         return None if exchange.ticket.outcome is None else self._answer(exchange)
 
@@ -483,6 +506,17 @@ def _from_backend(message: Any) -> bool:
         if details is not None:
             return bool(details.string_value == "via_upstream")
     return True
+
+
+def _pass_on(message: Any, phase: str, exchange: _Exchange) -> Any:
+    """The answer to a message after the request headers': a body chunk handed back
+    when its direction is full-duplex (each direction has its own mode), else the
+    plain answer."""
+    if (phase == "request_body" and exchange.duplex) or (
+        phase == "response_body" and exchange.response_duplex
+    ):
+        return _streamed(phase, getattr(message, phase))
+    return _PASS_THROUGH[phase]
 
 
 def _ends_response(message: Any, phase: str) -> bool:

@@ -238,13 +238,41 @@ def test_fair_share_tokens_charges_the_estimate_then_the_measured_usage() -> Non
     assert policy.counter("a") == pytest.approx(220)
 
 
-def test_fair_share_tokens_falls_back_to_occupancy_without_usage() -> None:
-    policy = FairSharePolicy("tokens")
-    item = QueuedRequest("a", 1, 0.0, 1, TokenCount(10, 5))
+def _dispatched(policy: FairSharePolicy, seq: int, tokens: TokenCount | None) -> QueuedRequest:
+    item = QueuedRequest("a", 1, float(seq), seq, tokens)
     policy.on_enqueue(item)
     policy.on_dispatch(item)
+    return item
+
+
+def test_fair_share_tokens_keeps_the_estimate_of_a_response_without_usage() -> None:
+    # An error body or a local reply reports no usage: that request stays charged its
+    # estimate, and the unit stays tokens.
+    policy = FairSharePolicy("tokens", fallback_after=3)
+    item = _dispatched(policy, 1, TokenCount(10, 5))
+    policy.on_usage(item, None)
+    policy.on_done(item, 2.0)
+    assert policy.cost == "tokens"
+    assert policy.counter("a") == pytest.approx(20)
+    # Runs broken by a measured response never add up to the switch.
+    for seq in range(2, 12):
+        item = _dispatched(policy, seq, TokenCount(1, 0))
+        policy.on_usage(item, TokenCount(1, 0) if seq % 2 else None)
+        policy.on_done(item, 1.0)
+    assert policy.cost == "tokens"
+
+
+def test_fair_share_tokens_falls_back_to_occupancy_after_a_run_without_usage() -> None:
+    policy = FairSharePolicy("tokens", fallback_after=3)
+    for seq in (1, 2):
+        item = _dispatched(policy, seq, TokenCount(10, 5))
+        policy.on_usage(item, None)
+        policy.on_done(item, 2.0)
+    assert policy.cost == "tokens"
+    assert policy.counter("a") == pytest.approx(40)
+    item = _dispatched(policy, 3, TokenCount(10, 5))
     policy.on_usage(item, None)
     assert policy.cost == "occupancy"
     policy.on_done(item, 2.0)
-    # From now on slot-seconds: the measured 2 s replaces the 20-token guess.
-    assert policy.counter("a") == pytest.approx(2.0)
+    # From now on slot-seconds: the measured 2 s replaces the third 20-token guess.
+    assert policy.counter("a") == pytest.approx(42.0)

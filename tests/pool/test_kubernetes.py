@@ -23,7 +23,7 @@ from lightkube import AsyncClient, KubeConfig
 
 from extproc.clock import VirtualClock
 from extproc.pool.discovery import DnsDiscovery
-from extproc.pool.kubernetes import InferencePoolWatch
+from extproc.pool.kubernetes import BACKOFF_FIRST, InferencePoolWatch
 from tests.pool.support import make_pool
 
 NAMESPACE, POOL = "models", "chat-pool"
@@ -233,3 +233,38 @@ async def test_dns_discovery_follows_the_records_and_keeps_them_through_a_failur
     assert pool.addresses == ["10.2.0.1:8000", "[fd00::1]:8000"]
     await dns.refresh()
     assert pool.addresses == ["10.2.0.2:8000"]
+
+
+async def test_the_backoff_starts_over_after_a_round_that_listed(
+    serve: Callable[[FakeApiServer], Any],
+) -> None:
+    # Each round lists, then its watch breaks mid-stream: the API server was up each
+    # time, so no reconnect may wait longer than the first backoff step.
+    rounds = 4
+    server = FakeApiServer(
+        lists=[pod_list(str(n), pod("a", "10.1.0.1", True, str(n))) for n in range(rounds)],
+        watches=[[BREAK] for _ in range(rounds)],
+    )
+    url = await serve(server)
+    delays: list[float] = []
+    parked = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        delays.append(seconds)
+        if len(delays) >= rounds:
+            parked.set()
+            await asyncio.Event().wait()  # stop here; stop() cancels it
+
+    watch = InferencePoolWatch(
+        make_pool(VirtualClock(), []),
+        f"{NAMESPACE}/{POOL}",
+        lambda: AsyncClient(config=kubeconfig(url)),
+        sleep=sleep,
+    )
+    await watch.start()
+    try:
+        await asyncio.wait_for(parked.wait(), 20.0)
+    finally:
+        await watch.stop()
+    assert watch.relists == rounds
+    assert delays == [BACKOFF_FIRST] * rounds

@@ -144,3 +144,54 @@ def test_settings_turn_picking_on_only_with_endpoints() -> None:
     for bad in ({"endpoints": ["host:80"]}, {"scorers": "speed=1"}, {"picker": "best"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             load_settings(bad, use_env=False)
+
+
+def test_fallback_ties_break_at_random_with_the_injected_rng() -> None:
+    # Identical endpoints: the fallbacks must not always favour the lowest addresses.
+    addresses = [E1, E2, E3, "10.0.0.4:8000"]
+
+    def fallbacks(seed: int) -> list[tuple[str, ...]]:
+        clock = VirtualClock()
+        pool = make_pool(clock, addresses, weights="kv-cache=1", seed=seed)
+        return [pool.pick(None)[1:] for _ in range(40)]
+
+    assert fallbacks(7) == fallbacks(7)
+    assert {picked[0] for picked in fallbacks(7)} == set(addresses)
+    assert all(len(set(picked)) == 2 for picked in fallbacks(7))
+
+
+def test_a_pick_with_no_room_left_takes_the_best_candidate_rather_than_failing() -> None:
+    # has_room and pick read the clock apart: by the pick no candidate may have room.
+    clock = VirtualClock()
+    pool = make_pool(clock, [E1, E2], max_in_flight=1)
+    assert {pool.pick(None)[0], pool.pick(None)[0]} == {E1, E2}
+    assert not pool.has_room(None)
+    assert pool.pick(None)[0] in (E1, E2)
+    endpoints = [pool.endpoint(address) for address in (E1, E2)]
+    assert sum(endpoint.in_flight for endpoint in endpoints if endpoint) == 3
+
+
+def test_a_pick_when_no_candidate_is_ready_any_more_takes_a_listed_one() -> None:
+    clock = VirtualClock()
+    pool = make_pool(clock, [E1])
+    endpoint = pool.endpoint(E1)
+    assert endpoint is not None
+    endpoint.fail_scrape(clock.now(), "refused", unreachable=True)
+    clock.advance(1.5)
+    assert not endpoint.ready(clock.now())
+    assert pool.pick(PickRequest(subset=frozenset({E1})))[0] == E1
+
+
+def test_an_endpoint_leaving_the_pool_takes_its_staleness_timer_along() -> None:
+    clock = VirtualClock()
+    pool = make_pool(clock, [E1, E2])
+    wakes: list[float] = []
+    pool.bind(lambda: wakes.append(clock.now()), lambda: None)
+    feed(pool, clock, E1, waiting=0)
+    assert len(wakes) == 1
+    pool.update("static", {E2: True})
+    clock.advance(5.0)
+    assert len(wakes) == 1  # E1's staleness wake was cancelled with it
+    feed(pool, clock, E2, waiting=0)
+    clock.advance(5.0)
+    assert len(wakes) == 3  # a listed endpoint still wakes when its reading goes stale

@@ -2,17 +2,20 @@
 gRPC client: detected from the stream, every chunk handed back unchanged and in order,
 the request held while its body keeps arriving, and counted out exactly once."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from extproc.service.app import Service
 from tests.conftest import StartService
 from tests.support.extproc_client import (
+    after_hold,
     duplex_headers,
     eventually,
     request_body,
@@ -22,6 +25,9 @@ from tests.support.extproc_client import (
     streamed,
     workload_headers,
 )
+
+FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 
 
 @pytest.fixture
@@ -52,7 +58,7 @@ async def test_body_chunks_come_back_unchanged_after_the_headers_answer(
     await stream.write(duplex_headers("a"))
     for index, chunk in enumerate(chunks):
         await stream.write(request_body(chunk, end_of_stream=index == len(chunks) - 1))
-    answer = await stream.read()
+    answer = await after_hold(stream)
     assert answer.WhichOneof("response") == "request_headers"
     assert set_headers(answer)["x-workload-id"] == "a"
     echoed = [streamed(await stream.read()) for _ in chunks]
@@ -99,7 +105,7 @@ async def test_unreadable_or_large_bodies_pass_unchanged(
     for piece in pieces:
         await stream.write(request_body(piece))
     await stream.write(request_body(b"", end_of_stream=True))
-    assert (await stream.read()).WhichOneof("response") == "request_headers"
+    assert (await after_hold(stream)).WhichOneof("response") == "request_headers"
     echoed = b""
     while True:
         phase, chunk, end = streamed(await stream.read())
@@ -195,7 +201,7 @@ async def test_tokens_cost_charges_the_estimate_and_corrects_to_the_usage(
     stream = stub_for(service).Process()
     await stream.write(duplex_headers("a", criticality=1))  # weight 1
     await stream.write(request_body(b'{"prompt": "' + b"x" * 40 + b'", "max_tokens": 3}', True))
-    assert (await stream.read()).WhichOneof("response") == "request_headers"
+    assert (await after_hold(stream)).WhichOneof("response") == "request_headers"
     await stream.read()
     assert policy.counter("a") == pytest.approx(10 + 2 * 3)  # type: ignore[attr-defined]
     usage = b'{"usage": {"prompt_tokens": 12, "completion_tokens": 20}}'
@@ -207,4 +213,83 @@ async def test_tokens_cost_charges_the_estimate_and_corrects_to_the_usage(
     await stream.read()
     assert policy.counter("a") == pytest.approx(12 + 2 * 20)  # type: ignore[attr-defined]
     assert policy.cost == "tokens"  # type: ignore[attr-defined]
+    stream.cancel()
+
+
+async def test_a_slow_body_gets_the_hold_before_it_is_read_and_only_once(
+    start_service: StartService, stub_for: Any
+) -> None:
+    # Envoy's message timeout runs from the headers: a body still arriving must not
+    # leave Envoy without an answer until it ends.
+    service = await start_service()
+    stream = stub_for(service).Process()
+    await stream.write(duplex_headers("a"))
+    await stream.write(request_body(b'{"prompt": "x'))
+    hold = await asyncio.wait_for(stream.read(), 5.0)
+    assert hold.HasField("override_message_timeout")
+    assert active(service, "a") == 1
+    assert service.flow.queued == service.flow.in_flight == 0
+    await stream.write(request_body(b'"}', end_of_stream=True))
+    answer = await stream.read()  # dispatched at once: no second hold
+    assert set_headers(answer)["x-workload-id"] == "a"
+    stream.cancel()
+    await eventually(lambda: active(service, "a") == 0 and service.flow.in_flight == 0)
+
+
+async def test_headers_with_the_whole_request_get_no_hold_when_dispatched_at_once(
+    start_service: StartService, stub_for: Any
+) -> None:
+    service = await start_service()
+    stream = stub_for(service).Process()
+    await stream.write(duplex_headers("a", end_of_stream=True))
+    assert (await stream.read()).WhichOneof("response") == "request_headers"
+    stream.cancel()
+    await eventually(lambda: active(service, "a") == 0)
+
+
+@pytest.mark.parametrize(
+    ("request_mode", "response_mode"),
+    [(STREAMED, FULL_DUPLEX), (FULL_DUPLEX, STREAMED)],
+)
+async def test_each_direction_follows_its_own_body_mode(
+    start_service: StartService, stub_for: Any, request_mode: int, response_mode: int
+) -> None:
+    service = await start_service()
+    stream = stub_for(service).Process()
+    headers = workload_headers("a")
+    headers.protocol_config.request_body_mode = request_mode
+    headers.protocol_config.response_body_mode = response_mode
+    await stream.write(headers)
+    assert (await stream.read()).WhichOneof("response") == "request_headers"
+    await stream.write(response_headers(end_of_stream=False))
+    assert (await stream.read()).WhichOneof("response") == "response_headers"
+    await stream.write(response_body(b"data: tok\n\n"))
+    answer = await stream.read()
+    if response_mode == FULL_DUPLEX:
+        assert streamed(answer) == ("response_body", b"data: tok\n\n", False)
+    else:  # a plain answer: a streamed_response here would be a protocol error
+        assert answer == pb.ProcessingResponse(response_body=pb.BodyResponse())
+    stream.cancel()
+    await eventually(lambda: active(service, "a") == 0)
+
+
+async def test_tokens_cost_keeps_the_estimate_of_an_error_response(
+    start_service: StartService, stub_for: Any
+) -> None:
+    # A backend's error body reports no usage: the request stays charged its estimate
+    # and the cost stays tokens (one such response is no reason to give up the unit).
+    service = await start_service(policy="fair-share", fair_share_cost="tokens")
+    policy = service.flow._policy
+    stream = stub_for(service).Process()
+    await stream.write(duplex_headers("a", criticality=1))
+    await stream.write(request_body(b'{"prompt": "' + b"x" * 40 + b'", "max_tokens": 3}', True))
+    await after_hold(stream)
+    await stream.read()
+    await stream.write(response_headers(end_of_stream=False))
+    await stream.read()
+    await stream.write(response_body(b'{"error": {"message": "too long"}}', end_of_stream=True))
+    await stream.read()
+    await eventually(lambda: active(service, "a") == 0)
+    assert policy.cost == "tokens"  # type: ignore[attr-defined]
+    assert policy.counter("a") == pytest.approx(10 + 2 * 3)  # type: ignore[attr-defined]
     stream.cancel()
