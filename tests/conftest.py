@@ -1,5 +1,7 @@
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
+import grpc
 import pytest
 
 from extproc.config import Settings
@@ -23,3 +25,18 @@ async def start_service() -> AsyncIterator[StartService]:
     yield start
     for service in started:
         await service.stop(drain_timeout=0, grace=0)
+
+
+@pytest.fixture
+async def channel_to() -> AsyncIterator[Any]:
+    """Open gRPC channels to services; closed after the test."""
+    channels: list[grpc.aio.Channel] = []
+
+    def open_channel(service: Service) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
+        channels.append(channel)
+        return channel
+
+    yield open_channel
+    for channel in channels:
+        await channel.close()

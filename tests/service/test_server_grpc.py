@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -27,20 +26,6 @@ from tests.support.extproc_client import (
     set_headers,
     workload_headers,
 )
-
-
-@pytest.fixture
-async def channel_to() -> AsyncIterator[Any]:
-    channels: list[grpc.aio.Channel] = []
-
-    def open_channel(service: Service) -> grpc.aio.Channel:
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
-        channels.append(channel)
-        return channel
-
-    yield open_channel
-    for channel in channels:
-        await channel.close()
 
 
 def counts(service: Service, workload: str) -> tuple[int, int, int, int]:

@@ -4,13 +4,10 @@ answers, the counts (every request counted out once) and what the read APIs show
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import grpc
-import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from rich.console import Console
 
@@ -26,20 +23,6 @@ from tests.support.extproc_client import (
     workload_headers,
 )
 from tests.support.metrics_page import scrape
-
-
-@pytest.fixture
-async def channel_to() -> AsyncIterator[Any]:
-    channels: list[grpc.aio.Channel] = []
-
-    def open_channel(service: Service) -> grpc.aio.Channel:
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
-        channels.append(channel)
-        return channel
-
-    yield open_channel
-    for channel in channels:
-        await channel.close()
 
 
 def table(tmp_path: Path, text: str) -> Path:
