@@ -76,6 +76,7 @@ from extproc.capacity.static import Gate
 from extproc.contracts import CapacityStatus, Clock, FleetStatus, TimerHandle
 from extproc.fleet.registry import FleetCounts, Pending, SharedWorkloadRegistry
 from extproc.registry.rate import WindowCounts
+from extproc.tasks import cancel_and_wait
 
 _SCRIPTS = importlib.resources.files("extproc.fleet")
 SCRIPT = _SCRIPTS.joinpath("fleet.lua").read_text()
@@ -201,11 +202,8 @@ class FleetSync:
 
     async def stop(self) -> None:
         """Hand over the last deltas and leave the fleet (its slots free at once)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self.sync()
         with contextlib.suppress(RedisError, OSError):
             fence = self._seq if self._ever_in_doubt else 0

@@ -10,7 +10,6 @@ are watched in `kubernetes`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -18,6 +17,7 @@ import structlog
 
 from extproc.addresses import parse_address
 from extproc.pool.pool import EndpointPool
+from extproc.tasks import cancel_and_wait
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 """(name, port) -> the IP addresses of its A/AAAA records."""
@@ -58,11 +58,8 @@ class DnsDiscovery:
         self._task = asyncio.create_task(self._refresh_forever())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def refresh(self) -> None:
         try:

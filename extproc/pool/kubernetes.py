@@ -40,6 +40,7 @@ from lightkube.resources.core_v1 import Pod
 
 from extproc.pool.discovery import format_address
 from extproc.pool.pool import EndpointPool
+from extproc.tasks import cancel_and_wait
 
 InferencePool = create_namespaced_resource(
     "inference.networking.k8s.io", "v1", "InferencePool", "inferencepools"
@@ -110,11 +111,8 @@ class InferencePoolWatch:
             await asyncio.wait_for(self.synced.wait(), self._sync_timeout)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._client is not None:
             await self._client.close()
             self._client = None
