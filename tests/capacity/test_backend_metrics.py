@@ -4,9 +4,7 @@ demo backend, the settings that turn it on, and how the service shows the gate."
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import sys
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -29,6 +27,7 @@ from extproc.tools.demo_backend import Timing
 from tests.conftest import StartService
 from tests.support.demo_server import completion, demo_server
 from tests.support.metrics_page import scrape
+from tests.support.process import top_frame
 
 VLLM_OLD = """# HELP vllm:num_requests_waiting Number of requests waiting.
 # TYPE vllm:num_requests_waiting gauge
@@ -162,13 +161,7 @@ async def test_the_service_shows_its_gate_in_metrics_json_and_top(
     ):
         body = await reply.json()
     assert (body["mode"], body["limit"], body["endpoints"][0]["url"]) == ("metrics", 8, url)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "extproc", "top", "--once",
-        "--address", f"127.0.0.1:{service.grpc_port}",
-        stdout=asyncio.subprocess.PIPE, env={**os.environ, "COLUMNS": "200"},
-    )  # fmt: skip
-    output, _ = await asyncio.wait_for(process.communicate(), 30)
-    frame = output.decode()
+    frame = await top_frame(service.grpc_port)
     assert "capacity metrics   limit 8   saturation 0.00" in frame
     assert f"{url}   waiting 0   running 0 of ~0 slots   kv 0%" in frame
 

@@ -7,9 +7,7 @@ each step is explicit; tests/test_e2e_fleet.py runs real replicas behind Envoy.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -32,6 +30,7 @@ from extproc.service.app import make_capacity
 from tests.conftest import StartService
 from tests.support.extproc_client import exchange, workload_headers
 from tests.support.metrics_page import scrape
+from tests.support.process import top_frame
 from tests.support.redis_server import RedisServer
 
 
@@ -220,12 +219,7 @@ async def test_the_service_reports_its_fleet(
     ):
         fleet = await reply.json()
     assert (fleet["connected"], fleet["replicas"], fleet["errors"]) == (True, 1, 0)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "extproc", "top", "--once",
-        "--address", f"127.0.0.1:{service.grpc_port}",
-        stdout=asyncio.subprocess.PIPE, env={**os.environ, "COLUMNS": "200"},
-    )  # fmt: skip
-    frame = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
+    frame = await top_frame(service.grpc_port)
     assert "capacity fleet   limit 6" in frame
     assert "fleet 1 replicas   synced" in frame
     assert fleet["replica"] in frame

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,6 +16,7 @@ from aiohttp import web
 from tests.conftest import StartService
 from tests.support.extproc_client import exchange, response_trailers, workload_headers
 from tests.support.metrics_page import scrape
+from tests.support.process import top_frame
 
 
 @pytest.fixture
@@ -83,13 +82,7 @@ async def test_endpoints_are_scraped_picked_shown_and_counted_out(
             assert samples["extproc_endpoint_in_flight_requests", label] == 1
             assert samples["extproc_endpoint_picked_total", label] == 1
             assert samples["extproc_endpoint_ready", (("endpoint", dead),)] == 0
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "extproc", "top", "--once",
-                "--address", f"127.0.0.1:{service.grpc_port}",
-                stdout=asyncio.subprocess.PIPE, env={**os.environ, "COLUMNS": "200"},
-            )  # fmt: skip
-            output, _ = await asyncio.wait_for(process.communicate(), 30)
-            frame = output.decode()
+            frame = await top_frame(service.grpc_port)
             assert "endpoints (picker scored)" in frame
             row = next(line for line in frame.splitlines() if model_server in line)
             assert "yes" in row

@@ -79,3 +79,14 @@ class ServeProcess:
         if self._process.returncode is None:
             self._process.terminate()
         return await asyncio.wait_for(self._process.wait(), 30)
+
+
+async def top_frame(grpc_port: int, *flags: str, columns: int = 200) -> str:
+    """One frame of `extproc top --once` against the service on `grpc_port`."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "extproc", "top", "--once", *flags,
+        "--address", f"127.0.0.1:{grpc_port}",
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, "COLUMNS": str(columns)},
+    )  # fmt: skip
+    output, _ = await asyncio.wait_for(process.communicate(), 30)
+    return output.decode()
