@@ -107,7 +107,7 @@ def test_memory_of_100000_tracked_workloads() -> None:
 
 def test_pick_among_100_endpoints_with_prefix_scoring_of_a_32_kib_prompt(benchmark: Any) -> None:
     """Scored picker, every endpoint fresh and remembering prefixes: the prompt is hashed
-    (256 blocks of 64 characters) and matched on each endpoint, then the best is charged."""
+    (256 blocks of 64 bytes) and matched on each endpoint, then the best is charged."""
     clock = VirtualClock()
     rng = random.Random(3)
     pool = EndpointPool(clock, make_picker("scored", ScorerWeights()), rng=rng)

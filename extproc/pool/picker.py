@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from extproc.pool.endpoints import Endpoint, Load
-from extproc.pool.scorers import ScorerWeights, kv_cache_scores, prefix_scores, queue_scores
+from extproc.pool.scorers import ScorerWeights, weighted_scores
 
 PICKERS = ("round-robin", "least-loaded", "scored")
 
@@ -70,13 +70,7 @@ class ScoredPicker:
     def scores(
         self, endpoints: Sequence[Endpoint], loads: Sequence[Load], hashes: tuple[int, ...]
     ) -> list[float]:
-        w = self.weights
-        zeros = [0.0] * len(endpoints)
-        queue = queue_scores(loads) if w.queue else zeros
-        kv = kv_cache_scores(loads) if w.kv_cache else zeros
-        prefix = prefix_scores(endpoints, hashes) if w.prefix else zeros
-        wq, wk, wp = w.queue, w.kv_cache, w.prefix
-        return [wq * q + wk * k + wp * p for q, k, p in zip(queue, kv, prefix, strict=True)]
+        return weighted_scores(self.weights, endpoints, loads, hashes)
 
     def picked(self, endpoint: Endpoint) -> None:
         pass

@@ -20,7 +20,7 @@ picks.
 
 from __future__ import annotations
 
-import heapq
+import operator
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,9 +28,12 @@ from dataclasses import dataclass
 from extproc.contracts import Clock, PickRequest, TimerHandle
 from extproc.pool.endpoints import Endpoint, EndpointOptions, EndpointSnapshot
 from extproc.pool.picker import Picker
-from extproc.pool.prefix import BLOCK_CHARS, MAX_BLOCKS, block_hashes
+from extproc.pool.prefix import BlockHasher
 
 FALLBACKS = 2
+_NONE = float("-inf")
+_ROOM = operator.itemgetter(2)  # Load.room
+"""Marks a score out of the running (no room, already ranked); real scores are finite."""
 STALE_MARGIN = 1e-6
 """A reading is fresh up to and including `stale_after`; the wake comes just past it."""
 
@@ -53,15 +56,13 @@ class EndpointPool:
         options: EndpointOptions | None = None,
         *,
         rng: random.Random | None = None,
-        block_chars: int = BLOCK_CHARS,
-        max_blocks: int = MAX_BLOCKS,
+        hasher: BlockHasher | None = None,
     ) -> None:
         self._clock = clock
         self.picker = picker
         self.options = options or EndpointOptions()
         self._rng = rng or random.Random()
-        self._block_chars = block_chars
-        self._max_blocks = max_blocks
+        self._hash = hasher or BlockHasher()
         self._endpoints: dict[str, Endpoint] = {}
         self._ordered: list[Endpoint] = []
         """The endpoints listed by some source, in address order (round robin's order)."""
@@ -158,20 +159,23 @@ class EndpointPool:
         # Admitted by has_room a moment ago; see the module's note on a pick never failing.
         candidates = self._candidates(subset, now) or self._listed(subset)
         prompt = pick.prompt if pick is not None else None
-        hashes = block_hashes(prompt, self._block_chars, self._max_blocks) if prompt else ()
+        hashes = self._hash(prompt) if prompt else ()
         loads = [endpoint.load(now) for endpoint in candidates]
         scores = self.picker.scores(candidates, loads, hashes)
-        roomy = [i for i, load in enumerate(loads) if load.room] or list(range(len(candidates)))
-        best = max([scores[i] for i in roomy])
-        tied = [i for i in roomy if scores[i] == best]
-        chosen = tied[0] if len(tied) == 1 else self._rng.choice(tied)
+        if all(map(_ROOM, loads)):
+            roomy = scores.copy()
+        else:
+            roomy = [
+                score if load.room else _NONE for score, load in zip(scores, loads, strict=True)
+            ]
+            if max(roomy) == _NONE:
+                roomy = scores.copy()
+        chosen = self._best(roomy, 1)[0]
         primary = candidates[chosen]
-        # Fallbacks: the next best, room or not (they are retries). nlargest is stable, so
-        # shuffling first breaks its ties at random.
-        others = [i for i in range(len(candidates)) if i != chosen]
-        if len(others) > 1:
-            self._rng.shuffle(others)
-        ranked = heapq.nlargest(FALLBACKS, others, key=scores.__getitem__)
+        # Fallbacks: the next best, room or not (they are retries).
+        rest = scores.copy()
+        rest[chosen] = _NONE
+        ranked = self._best(rest, min(FALLBACKS, len(rest) - 1))
         fallbacks = [candidates[i].address for i in ranked]
         self.picker.picked(primary)
         primary.picked += 1
@@ -206,12 +210,34 @@ class EndpointPool:
         if endpoint.in_flight == 0 and not any(address in s for s in self._sources.values()):
             del self._endpoints[address]
 
+    def _best(self, scores: list[float], wanted: int) -> list[int]:
+        """The indices of the `wanted` best scores, best first, ties broken at random; at
+        least `wanted` scores must be above `_NONE`. Consumes `scores`."""
+        best: list[int] = []
+        while len(best) < wanted:
+            top = max(scores)
+            tied = scores.count(top)
+            if tied == 1:  # the common case: C-speed scans only
+                taken = [scores.index(top)]
+            else:
+                group = [i for i, score in enumerate(scores) if score == top]
+                taken = self._rng.sample(group, min(tied, wanted - len(best)))
+            for i in taken:
+                scores[i] = _NONE
+            best += taken
+        return best
+
     def _listed(self, subset: frozenset[str] | None) -> list[Endpoint]:
         return [e for e in self._ordered if subset is None or e.address in subset]
 
     def _candidates(self, subset: frozenset[str] | None, now: float) -> list[Endpoint]:
         if subset is None:
-            return [e for e in self._ordered if e.ready(now)]
+            # Reachable and discovered ready is the common case: no call needed to tell.
+            return [
+                e
+                for e in self._ordered
+                if e.discovered_ready and (e.unreachable_since is None or e.ready(now))
+            ]
         return [e for e in self._ordered if e.address in subset and e.ready(now)]
 
     # -- reading ----------------------------------------------------------

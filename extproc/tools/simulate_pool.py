@@ -38,7 +38,7 @@ from extproc.outcomes import Outcome
 from extproc.pool.endpoints import EndpointOptions
 from extproc.pool.picker import PICKERS, make_picker
 from extproc.pool.pool import EndpointPool
-from extproc.pool.prefix import BLOCK_CHARS, PrefixCache, block_hashes
+from extproc.pool.prefix import BLOCK_BYTES, BlockHasher, PrefixCache
 from extproc.pool.scorers import ScorerWeights
 from extproc.registry.datastore import RegistryDatastore
 from extproc.registry.memory import InMemoryWorkloadRegistry
@@ -131,7 +131,7 @@ class _Server:
             job.cached_blocks = self.cache.matched(job.hashes)
             self.cache.record(job.hashes)
             tokens = len(job.prompt) // CHARS_PER_TOKEN
-            uncached = tokens - job.cached_blocks * BLOCK_CHARS // CHARS_PER_TOKEN
+            uncached = tokens - job.cached_blocks * BLOCK_BYTES // CHARS_PER_TOKEN
             speed = self.spec.speed
             prefill = uncached * self._scenario.prefill_per_token / speed
             decode = self._scenario.output_tokens * self._scenario.decode_per_token / speed
@@ -172,6 +172,7 @@ def _arrivals(scenario: PoolScenario) -> list[_Job]:
     rng = random.Random(scenario.seed)
     letters = "abcdefghijklmnopqrstuvwxyz "
     jobs: list[_Job] = []
+    hasher = BlockHasher(max_blocks=ALL_BLOCKS)
     for group in scenario.groups:
         context = "".join(
             rng.choice(letters) for _ in range(group.context_tokens * CHARS_PER_TOKEN)
@@ -184,7 +185,7 @@ def _arrivals(scenario: PoolScenario) -> list[_Job]:
                     rng.choice(letters) for _ in range(scenario.question_tokens * CHARS_PER_TOKEN)
                 )
                 prompt = context + question
-                jobs.append(_Job(tenant, t, prompt, block_hashes(prompt, max_blocks=ALL_BLOCKS)))
+                jobs.append(_Job(tenant, t, prompt, hasher(prompt)))
     jobs.sort(key=lambda job: job.arrival)
     return jobs
 

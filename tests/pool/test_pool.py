@@ -7,11 +7,12 @@ import pytest
 from extproc.clock import VirtualClock
 from extproc.config import load_settings
 from extproc.contracts import PickRequest
-from extproc.pool.prefix import PrefixCache, block_hashes
+from extproc.pool.prefix import BlockHasher, PrefixCache
 from extproc.pool.scorers import ScorerWeights
 from tests.pool.support import feed, make_pool
 
 E1, E2, E3 = "10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"
+block_hashes = BlockHasher()
 
 
 def test_block_hashes_chain_so_equal_blocks_after_different_prefixes_differ() -> None:
@@ -22,6 +23,9 @@ def test_block_hashes_chain_so_equal_blocks_after_different_prefixes_differ() ->
     assert block_hashes("x" * 64 + "y" * 64 + "tail")[:2] == a  # partial block ignored
     assert len(block_hashes("a" * 64 * 300)) == 256
     assert block_hashes("short") == ()
+    # Blocks are of bytes: a 2-byte character counts twice.
+    assert len(block_hashes("\u00e9" * 64)) == 2
+    assert block_hashes("\u00e9" * 64) != block_hashes("\u00e8" * 64)
 
 
 def test_prefix_cache_matches_the_longest_remembered_prefix() -> None:
