@@ -49,6 +49,7 @@ bench: install
 bench-ablation: install
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python bench/ablation.py
+	BENCH_ABLATION_MODE=pool $(BIN)/python bench/ablation.py
 
 # Not part of `make test`: a flooding tenant against a light one through Envoy,
 # --policy fcfs then fair-share; per-tenant TTFT p50/p99, ITL and tokens/s.

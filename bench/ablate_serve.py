@@ -10,6 +10,8 @@ import and before the server starts, so the shipped code carries no switches:
   queue     the flow controller (enqueue -> decided at once, no heap, no policy)
   mutation  the header mutation on the dispatched answer (a plain CONTINUE instead)
   handler   the whole stream handler (the null processor's loop inside our server)
+  hold      pool mode: the message-timeout hold sent before reading a request body
+  pick      pool mode: the pick (the first endpoint, charged, without scoring)
   gc        Python's cyclic garbage collector (gc.freeze() after start-up, then off)
 Never used by the service itself; a measuring instrument only.
 """
@@ -18,23 +20,19 @@ from __future__ import annotations
 
 import gc
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
-from null_processor import ANSWERS  # bench/ is this script's directory
+from null_processor import NullProcessor  # bench/ is this script's directory
 
 from extproc import cli
 from extproc.contracts import QueuedRequest
 from extproc.flowcontrol.queue import FlowController, FlowRequest, Ticket
 from extproc.outcomes import Outcome
+from extproc.pool.pool import EndpointPool
 from extproc.registry.datastore import RegistryDatastore
 from extproc.service import extproc as handler_module
 from extproc.service.metrics import Metrics
-
-
-class _Silent:
-    def info(self, *args: object, **kwargs: object) -> None:
-        return None
 
 
 def _no_log() -> None:
@@ -42,7 +40,7 @@ def _no_log() -> None:
 
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        self._log = _Silent()
+        self._log = lambda **fields: None
 
     handler_module.ExternalProcessorService.__init__ = init  # type: ignore[method-assign]
 
@@ -75,13 +73,26 @@ def _no_mutation() -> None:
 
 
 def _no_handler() -> None:
-    async def process(self: Any, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
-        async for message in requests:
-            answer = ANSWERS.get(message.WhichOneof("request") or "")
-            if answer is not None:
-                yield answer
+    handler_module.ExternalProcessorService.Process = NullProcessor.Process  # type: ignore[method-assign]
 
-    handler_module.ExternalProcessorService.Process = process  # type: ignore[method-assign]
+
+def _no_hold() -> None:
+    handler_module.ExternalProcessorService._holds_for_body = lambda self, exchange: False  # type: ignore[method-assign]
+
+
+def _no_pick() -> None:
+    def pick(self: EndpointPool, request: Any) -> tuple[str, ...]:
+        endpoint = self._ordered[0]
+        endpoint.on_dispatch()
+        return (endpoint.address,)
+
+    EndpointPool.pick = pick  # type: ignore[method-assign]
+
+
+def _long_switch() -> None:
+    # Not a step: the GIL's switch interval 10x longer (50 ms), to test whether
+    # grpc-core's threads preempting the handler is what amplifies its cost.
+    sys.setswitchinterval(0.05)
 
 
 def _no_gc() -> None:
@@ -96,7 +107,10 @@ STEPS: dict[str, Callable[[], None]] = {
     "queue": _no_queue,
     "mutation": _no_mutation,
     "handler": _no_handler,
+    "hold": _no_hold,
+    "pick": _no_pick,
     "gc": _no_gc,
+    "switch": _long_switch,
 }
 
 

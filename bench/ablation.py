@@ -10,6 +10,11 @@ threads by name). Median of BENCH_REPEATS runs of BENCH_SECONDS. Writes
 bench/ablation.md. Where the processor's core is not saturated (its CPU share
 stays well below 100%), req/s says more about CPU 0 than about the processor,
 and CPU per request is the figure to read.
+
+BENCH_ABLATION_MODE=pool measures pool mode instead (issue #14's target): Envoy
+on envoy-pool.yaml, POSTing bench/run.py's JSON body, the backend the pool's one
+endpoint; the null processor echoes every chunk (full-duplex), and the variants
+add `--endpoints`. Writes bench/ablation-pool.md.
 """
 
 from __future__ import annotations
@@ -27,16 +32,20 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from processes import wait_for_port  # noqa: E402
-from run import LUA, SECONDS, TICKS, backend_config, proxy_config, wrk  # noqa: E402
+from run import BODY, LUA, SECONDS, TICKS, backend_config, proxy_config, wrk  # noqa: E402
 
-from tests.support.envoy import Envoy  # noqa: E402
+from tests.support.envoy import Envoy, pool_config  # noqa: E402
 from tests.support.process import free_port  # noqa: E402
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 PROCESSOR_CPU = 1
 OTHERS_CPU = 0
 
+POOL = os.environ.get("BENCH_ABLATION_MODE", "trailer") == "pool"
 SERVE = ["--listen", "{address}", "--admin-listen", "127.0.0.1:0", "--log-format", "json"]
+if POOL:
+    # As bench/run.py's (h): the direct_response backend's queue never grows.
+    SERVE += ["--endpoints", "{endpoint}", "--waiting-threshold", "1000000"]
 ABLATE = [sys.executable, str(ROOT / "bench" / "ablate_serve.py")]
 VARIANTS: dict[str, list[str]] = {
     "null processor": [sys.executable, str(ROOT / "bench" / "null_processor.py"), "{address}"],
@@ -50,6 +59,12 @@ VARIANTS: dict[str, list[str]] = {
     "- all of the above": [*ABLATE, "log,metrics,registry,queue,mutation,gc", "--", *SERVE],
     "- the whole handler (null loop in our server)": [*ABLATE, "handler", "--", *SERVE],
 }
+VARIANTS["as shipped, GIL switch interval 50 ms"] = [*ABLATE, "switch", "--", *SERVE]
+if POOL:
+    VARIANTS |= {
+        "- the hold before the body": [*ABLATE, "hold", "--", *SERVE],
+        "- the endpoint pick": [*ABLATE, "pick", "--", *SERVE],
+    }
 
 
 @dataclass(frozen=True)
@@ -105,20 +120,31 @@ async def measure(command: list[str]) -> Sample:
     backend_port, processor_port = free_port(), free_port()
     backend = Envoy(backend_config(backend_port), concurrency=1)
     await backend.start()
-    argv = [c.replace("{address}", f"127.0.0.1:{processor_port}") for c in command]
+    argv = [
+        c.replace("{address}", f"127.0.0.1:{processor_port}").replace(
+            "{endpoint}", f"127.0.0.1:{backend_port}"
+        )
+        for c in command
+    ]
     processor = await asyncio.create_subprocess_exec(
         "taskset", "-c", str(PROCESSOR_CPU), *argv,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
         await wait_for_port(processor_port)
-        proxy = Envoy(proxy_config([processor_port], backend_port, True), concurrency=1)
+        if POOL:
+            config = pool_config(processor_port, [backend_port])
+        else:
+            config = proxy_config([processor_port], backend_port, True)
+        proxy = Envoy(config, concurrency=1)
         await proxy.start()
         url = f"http://127.0.0.1:{proxy.port}/"
+        body = BODY if POOL else ""
         try:
-            wrk(url, 16)  # warm up
+            wrk(url, 16, 0.0, body)  # warm up
             before, switches = thread_cpu(processor.pid), context_switches(processor.pid)
-            result = await asyncio.get_running_loop().run_in_executor(None, wrk, url, 64)
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(None, wrk, url, 64, 0.0, body)
             after, switches = thread_cpu(processor.pid), context_switches(processor.pid) - switches
         finally:
             await proxy.stop()
@@ -138,7 +164,9 @@ async def measure(command: list[str]) -> Sample:
 
 
 def render(results: dict[str, list[Sample]]) -> str:
-    null = statistics.median(s.us_per_request for s in results["null processor"])
+    null = statistics.median(
+        s.us_per_request for s in results.get("null processor", next(iter(results.values())))
+    )
     groups = sorted({g for samples in results.values() for s in samples for g in s.threads_us})
     header = ["variant", "req/s", "CPU us/req", "vs null", "core busy", "switches/req", *groups]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -167,18 +195,25 @@ async def main() -> int:
     # Envoy, the backend and wrk are our children and inherit CPU 0; the
     # processor is started under `taskset` on CPU 1.
     os.sched_setaffinity(0, {OTHERS_CPU})
-    results: dict[str, list[Sample]] = {name: [] for name in VARIANTS}
+    # BENCH_ABLATION_ONLY=1,2,9: the variants by their row numbers, to re-measure a few.
+    only = os.environ.get("BENCH_ABLATION_ONLY")
+    rows = list(VARIANTS.items())
+    if only:
+        rows = [rows[int(n) - 1] for n in only.split(",")]
+    results: dict[str, list[Sample]] = {name: [] for name, _ in rows}
     for repeat in range(REPEATS):
-        for name, command in VARIANTS.items():
+        for name, command in rows:
             sample = await measure(command)
             results[name].append(sample)
             print(f"run {repeat + 1}: {name}: {sample}", flush=True)
     table = render(results)
     intro = (
+        f"{'Pool mode (envoy-pool.yaml, JSON body). ' if POOL else ''}"
         f"Processor on CPU {PROCESSOR_CPU} alone; Envoy, backend and wrk (64 connections, "
         f"{LUA.name}) on CPU {OTHERS_CPU}; median of {REPEATS} runs of {SECONDS} s.\n\n"
     )
-    (ROOT / "bench" / "ablation.md").write_text(intro + table)
+    name = "ablation-pool.md" if POOL else "ablation.md"
+    (ROOT / "bench" / name).write_text(intro + table)
     print(intro + table)
     return 0
 

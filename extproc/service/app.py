@@ -46,6 +46,7 @@ from extproc.fleet.registry import SharedWorkloadRegistry
 from extproc.fleet.sync import FleetOptions, FleetSync, LeasedCapacity
 from extproc.flowcontrol.policies import make_policy
 from extproc.flowcontrol.queue import FlowController
+from extproc.log import RequestLog
 from extproc.pool.discovery import DnsDiscovery, add_static
 from extproc.pool.kubernetes import InferencePoolWatch
 from extproc.pool.picker import make_picker
@@ -159,6 +160,7 @@ class Service:
             max_body_bytes=settings.max_body_bytes,
             count_tokens=settings.policy == "fair-share" and settings.fair_share_cost == "tokens",
             workloads=self.workloads,
+            request_log=RequestLog(settings.log_format, settings.log_level),
         )
         self.health = HealthServicer()
         self.token = BearerToken(settings.admin_token)

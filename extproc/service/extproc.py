@@ -86,7 +86,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import structlog
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -96,6 +95,7 @@ from google.protobuf import duration_pb2
 from extproc.context import OVERFLOW_WORKLOAD, ContextError, ContextParser, WorkloadContext
 from extproc.contracts import Clock, Datastore, PickRequest, RegistryFull
 from extproc.flowcontrol.queue import FlowController, FlowRequest, Ticket
+from extproc.log import RequestLog
 from extproc.outcomes import (
     Outcome,
     Rejection,
@@ -229,6 +229,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         pick_endpoints: bool = False,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         count_tokens: bool = False,
+        request_log: RequestLog | None = None,
     ) -> None:
         self._datastore = datastore
         self._workloads = workloads or Workloads(None)
@@ -241,7 +242,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         self._pick = pick_endpoints
         self._max_body = max_body_bytes
         self._count_tokens = count_tokens
-        self._log = structlog.get_logger("extproc.request")
+        self._log = request_log or RequestLog()
         # Endpoints learn their slots from first bytes, as the latency-driven gates do.
         self._first_byte = flow.capacity.wants_first_byte or flow.pool is not None
         seconds, fraction = divmod(hold_timeout, 1.0)
@@ -265,9 +266,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 if phase == "request_headers":
                     response = self._admit(message, exchange)
                     held = False
-                    if response is None and not exchange.request_done:
-                        # The body may arrive slowly: extend Envoy's message timeout
-                        # (which may run from the headers) before reading it.
+                    if response is None and self._holds_for_body(exchange):
                         held = True
                         yield self._hold
                     if response is None:
@@ -326,12 +325,12 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         try:
             workload = self._parser.parse(_context_headers(headers.headers, self._context_headers))
         except ContextError as error:
-            self._log.info("request", outcome="invalid-workload-context", error=str(error))
+            self._log(outcome="invalid-workload-context", error=str(error))
             self._metrics.record("invalid-workload-context", None, rejected=True)
             return _immediate(invalid_request(error.header, error.detail))
         admission = self._workloads.admit(workload)
         if not admission.allowed:
-            self._log.info("request", workload=workload.workload_id, outcome="not-allowed")
+            self._log(workload=workload.workload_id, outcome="not-allowed")
             self._metrics.record("not-allowed", None, rejected=True)
             return _immediate(workload_not_allowed(workload.workload_id))
         if admission.clamped:
@@ -342,7 +341,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
             self._datastore.workload_handle_new_request(workload.workload_id)
         except RegistryFull:
             if not self._overflow_when_full:
-                self._log.info("request", workload=workload.workload_id, outcome="registry-full")
+                self._log(workload=workload.workload_id, outcome="registry-full")
                 self._metrics.record("registry-full", None, rejected=True)
                 return _immediate(registry_full())
             workload = WorkloadContext(OVERFLOW_WORKLOAD, workload.criticality)
@@ -355,6 +354,11 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         if exchange.duplex:
             exchange.body = BodyBuffer(self._max_body)
         return None
+
+    def _holds_for_body(self, exchange: _Exchange) -> bool:
+        """The body may arrive slowly: extend Envoy's message timeout (which may run from
+        the headers) before reading it."""
+        return not exchange.request_done
 
     async def _read_body(self, stream: _Stream, exchange: _Exchange) -> bool:
         """Full-duplex: take body chunks until the body ends or passes the limit.
@@ -472,8 +476,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         wait = ticket.wait_time if ticket else 0.0
         rejected = outcome not in (Outcome.DISPATCHED, Outcome.EVICTED_CLIENT_GONE)
         self._metrics.record(outcome.value, wait, rejected)
-        self._log.info(
-            "request",
+        self._log(
             workload=workload.workload_id,
             criticality=workload.criticality,
             outcome=outcome.value,

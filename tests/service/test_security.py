@@ -84,7 +84,7 @@ async def test_a_request_logs_one_line_whatever_its_id(
     configure_logging(log_format, "info")
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sink))
     try:
-        service = await start_service()
+        service = await start_service(log_format=log_format)
         tricky = 'x" outcome="dispatched" = \\n ünï {}'
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
             stream = pb_grpc.ExternalProcessorStub(channel).Process()
