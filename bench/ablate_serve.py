@@ -10,7 +10,6 @@ import and before the server starts, so the shipped code carries no switches:
   queue     the flow controller (enqueue -> decided at once, no heap, no policy)
   mutation  the header mutation on the dispatched answer (a plain CONTINUE instead)
   handler   the whole stream handler (the null processor's loop inside our server)
-  hold      pool mode: the message-timeout hold sent before reading a request body
   pick      pool mode: the pick (the first endpoint, charged, without scoring)
   gc        Python's cyclic garbage collector (gc.freeze() after start-up, then off)
 Never used by the service itself; a measuring instrument only.
@@ -76,10 +75,6 @@ def _no_handler() -> None:
     handler_module.ExternalProcessorService.Process = NullProcessor.Process  # type: ignore[method-assign]
 
 
-def _no_hold() -> None:
-    handler_module.ExternalProcessorService._holds_for_body = lambda self, exchange: False  # type: ignore[method-assign]
-
-
 def _no_pick() -> None:
     def pick(self: EndpointPool, request: Any) -> tuple[str, ...]:
         endpoint = self._ordered[0]
@@ -107,7 +102,6 @@ STEPS: dict[str, Callable[[], None]] = {
     "queue": _no_queue,
     "mutation": _no_mutation,
     "handler": _no_handler,
-    "hold": _no_hold,
     "pick": _no_pick,
     "gc": _no_gc,
     "switch": _long_switch,

@@ -62,7 +62,6 @@ VARIANTS: dict[str, list[str]] = {
 VARIANTS["as shipped, GIL switch interval 50 ms"] = [*ABLATE, "switch", "--", *SERVE]
 if POOL:
     VARIANTS |= {
-        "- the hold before the body": [*ABLATE, "hold", "--", *SERVE],
         "- the endpoint pick": [*ABLATE, "pick", "--", *SERVE],
     }
 

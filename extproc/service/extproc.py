@@ -21,15 +21,16 @@ Per stream, in order:
    does not allow: 403, never tracked; a criticality above the workload's
    bound: clamped), then *new* (`workload_handle_new_request`). A new
    workload the full registry cannot take is answered 429 `registry-full`, or
-   tracked as the shared `overflow` workload. In full-duplex mode, when the
-   headers do not end the request, a lone `override_message_timeout` goes out
-   first (Envoy's short message timeout, meant to catch a hung processor, may
-   run from the headers and must not fire while a slow body arrives), then
-   the body is read (until its end, or until it passes `max_body_bytes`). Then
-   enqueue, with the prompt and the gateway's subset hint when picking
-   endpoints. When the queue cannot decide at once and no hold went out yet,
-   send it now, so the timeout does not fire while the request waits its
-   turn. At most one hold per stream.
+   tracked as the shared `overflow` workload. In full-duplex mode the body is
+   read first (until its end, or until it passes `max_body_bytes`), with no
+   hold sent: Envoy (1.40, measured end to end) runs no message timeout while
+   a full-duplex body arrives -- a body 1 s slow behind a 0.2 s timeout went
+   through -- and a hold per request cost ~50 us of processor CPU
+   (bench/ablation-pool.md). Then enqueue, with the prompt and the gateway's
+   subset hint when picking endpoints. When the queue cannot decide at once,
+   a lone `override_message_timeout` goes out, so Envoy's short message
+   timeout (meant to catch a hung processor) does not fire while the request
+   waits its turn: one hold per stream at most.
 2. The queue decides. DISPATCHED -> *dispatched*
    (`workload_handle_dispatched_request` with the queue wait) and CONTINUE with
    `x-workload-id` and `x-workload-queue-wait-ms` added upstream and, when
@@ -265,17 +266,12 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 phase = message.WhichOneof("request")
                 if phase == "request_headers":
                     response = self._admit(message, exchange)
-                    held = False
-                    if response is None and self._holds_for_body(exchange):
-                        held = True
-                        yield self._hold
                     if response is None:
                         if not await self._read_body(stream, exchange):
                             return
                         response = self._enqueue(exchange)
                     if response is None:
-                        if not held:
-                            yield self._hold
+                        yield self._hold
                         if not await self._wait(stream, exchange):
                             return
                         response = self._answer(exchange)
@@ -354,11 +350,6 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         if exchange.duplex:
             exchange.body = BodyBuffer(self._max_body)
         return None
-
-    def _holds_for_body(self, exchange: _Exchange) -> bool:
-        """The body may arrive slowly: extend Envoy's message timeout (which may run from
-        the headers) before reading it."""
-        return not exchange.request_done
 
     async def _read_body(self, stream: _Stream, exchange: _Exchange) -> bool:
         """Full-duplex: take body chunks until the body ends or passes the limit.

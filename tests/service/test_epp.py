@@ -14,7 +14,6 @@ from extproc.service import epp
 from extproc.service.app import Service
 from tests.conftest import StartService
 from tests.support.extproc_client import (
-    after_hold,
     duplex_headers,
     eventually,
     immediate_headers,
@@ -67,7 +66,7 @@ async def open_request(stub: Any, headers: Any) -> tuple[Any, Any]:
     stream = stub.Process()
     await stream.write(headers)
     await stream.write(request_body(b'{"model": "m", "prompt": "hi"}', end_of_stream=True))
-    return stream, await after_hold(stream)
+    return stream, await stream.read()
 
 
 def in_flight(service: Service) -> dict[str, int]:

@@ -15,7 +15,6 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.service.app import Service
 from tests.conftest import StartService
 from tests.support.extproc_client import (
-    after_hold,
     duplex_headers,
     eventually,
     request_body,
@@ -58,7 +57,7 @@ async def test_body_chunks_come_back_unchanged_after_the_headers_answer(
     await stream.write(duplex_headers("a"))
     for index, chunk in enumerate(chunks):
         await stream.write(request_body(chunk, end_of_stream=index == len(chunks) - 1))
-    answer = await after_hold(stream)
+    answer = await stream.read()
     assert answer.WhichOneof("response") == "request_headers"
     assert set_headers(answer)["x-workload-id"] == "a"
     echoed = [streamed(await stream.read()) for _ in chunks]
@@ -105,7 +104,7 @@ async def test_unreadable_or_large_bodies_pass_unchanged(
     for piece in pieces:
         await stream.write(request_body(piece))
     await stream.write(request_body(b"", end_of_stream=True))
-    assert (await after_hold(stream)).WhichOneof("response") == "request_headers"
+    assert (await stream.read()).WhichOneof("response") == "request_headers"
     echoed = b""
     while True:
         phase, chunk, end = streamed(await stream.read())
@@ -201,7 +200,7 @@ async def test_tokens_cost_charges_the_estimate_and_corrects_to_the_usage(
     stream = stub_for(service).Process()
     await stream.write(duplex_headers("a", criticality=1))  # weight 1
     await stream.write(request_body(b'{"prompt": "' + b"x" * 40 + b'", "max_tokens": 3}', True))
-    assert (await after_hold(stream)).WhichOneof("response") == "request_headers"
+    assert (await stream.read()).WhichOneof("response") == "request_headers"
     await stream.read()
     assert policy.counter("a") == pytest.approx(10 + 2 * 3)  # type: ignore[attr-defined]
     usage = b'{"usage": {"prompt_tokens": 12, "completion_tokens": 20}}'
@@ -216,21 +215,22 @@ async def test_tokens_cost_charges_the_estimate_and_corrects_to_the_usage(
     stream.cancel()
 
 
-async def test_a_slow_body_gets_the_hold_before_it_is_read_and_only_once(
+async def test_a_slow_body_is_read_whole_before_the_request_is_enqueued_with_no_hold(
     start_service: StartService, stub_for: Any
 ) -> None:
-    # Envoy's message timeout runs from the headers: a body still arriving must not
-    # leave Envoy without an answer until it ends.
+    # Envoy runs no message timeout while a full-duplex body arrives (tests/e2e,
+    # test_a_body_slower_than_the_message_timeout_still_goes): nothing goes out until
+    # the body ends, and then the answer itself.
     service = await start_service()
     stream = stub_for(service).Process()
     await stream.write(duplex_headers("a"))
     await stream.write(request_body(b'{"prompt": "x'))
-    hold = await asyncio.wait_for(stream.read(), 5.0)
-    assert hold.HasField("override_message_timeout")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(reading := asyncio.ensure_future(stream.read())), 0.3)
     assert active(service, "a") == 1
     assert service.flow.queued == service.flow.in_flight == 0
     await stream.write(request_body(b'"}', end_of_stream=True))
-    answer = await stream.read()  # dispatched at once: no second hold
+    answer = await reading  # dispatched at once: no hold at all
     assert set_headers(answer)["x-workload-id"] == "a"
     stream.cancel()
     await eventually(lambda: active(service, "a") == 0 and service.flow.in_flight == 0)
@@ -283,7 +283,7 @@ async def test_tokens_cost_keeps_the_estimate_of_an_error_response(
     stream = stub_for(service).Process()
     await stream.write(duplex_headers("a", criticality=1))
     await stream.write(request_body(b'{"prompt": "' + b"x" * 40 + b'", "max_tokens": 3}', True))
-    await after_hold(stream)
+    await stream.read()
     await stream.read()
     await stream.write(response_headers(end_of_stream=False))
     await stream.read()

@@ -36,15 +36,6 @@ def duplex_headers(workload: str, end_of_stream: bool = False, criticality: int 
     return message
 
 
-async def after_hold(stream: Any) -> Any:
-    """Full-duplex headers without end_of_stream: the first answer must be the lone
-    `override_message_timeout` (sent before the body is read); the next one."""
-    hold = await stream.read()
-    assert hold.HasField("override_message_timeout"), hold
-    assert hold.WhichOneof("response") is None
-    return await stream.read()
-
-
 def request_body(body: bytes, end_of_stream: bool = False) -> Any:
     return pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=end_of_stream))
 
