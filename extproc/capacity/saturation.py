@@ -155,11 +155,16 @@ def parse_reading(text: str, options: SaturationOptions) -> Reading:
     waiting = _first(values, options.waiting_metrics, sum)
     if waiting is None:
         raise MetricsError(f"no {' or '.join(options.waiting_metrics)} in the metrics")
-    return Reading(
+    reading = Reading(
         waiting,
         _first(values, options.kv_cache_metrics, max),
         _first(values, options.running_metrics, sum),
     )
+    # NaN or infinity would poison every comparison downstream (room, scores, ties).
+    values_read = (reading.waiting, reading.kv_cache_usage, reading.running)
+    if not all(math.isfinite(v) for v in values_read if v is not None):
+        raise MetricsError(f"non-finite value in the metrics: {reading}")
+    return reading
 
 
 def _first(

@@ -32,8 +32,9 @@ from extproc.pool.prefix import BlockHasher
 
 FALLBACKS = 2
 _NONE = float("-inf")
+"""Marks a score out of the running (no room, already ranked); real scores are finite
+(scrapes with NaN or infinity are refused: `capacity.saturation.parse_reading`)."""
 _ROOM = operator.itemgetter(2)  # Load.room
-"""Marks a score out of the running (no room, already ranked); real scores are finite."""
 STALE_MARGIN = 1e-6
 """A reading is fresh up to and including `stale_after`; the wake comes just past it."""
 
