@@ -68,7 +68,7 @@ def render(scenario: PoolScenario, results: list[PickerResult]) -> str:
         f"## {scenario.name}",
         "",
         f"Servers: {servers} speed, {scenario.servers[0].slots} requests running each, "
-        f"prefix caches of {scenario.servers[0].cache_blocks} blocks (64 characters). "
+        f"prefix caches of {scenario.servers[0].cache_blocks} blocks (64 bytes). "
         f"Tenants: {groups}; every prompt is its group's context plus a "
         f"{scenario.question_tokens}-token question, answered in {scenario.output_tokens} "
         f"tokens. Prefill {scenario.prefill_per_token * 1000:g} ms per uncached token, "

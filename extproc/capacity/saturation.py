@@ -136,6 +136,9 @@ class Reading:
     running: float | None = None
 
 
+MAX_METRIC_VALUE = 1e9
+
+
 class MetricsError(ValueError):
     """The scraped text lacks the waiting-requests series, or cannot be parsed."""
 
@@ -160,10 +163,11 @@ def parse_reading(text: str, options: SaturationOptions) -> Reading:
         _first(values, options.kv_cache_metrics, max),
         _first(values, options.running_metrics, sum),
     )
-    # NaN or infinity would poison every comparison downstream (room, scores, ties).
+    # NaN, infinity or sums that overflow would poison every comparison downstream
+    # (room, scores, ties): no server runs or queues more than a billion requests.
     values_read = (reading.waiting, reading.kv_cache_usage, reading.running)
-    if not all(math.isfinite(v) for v in values_read if v is not None):
-        raise MetricsError(f"non-finite value in the metrics: {reading}")
+    if not all(0 <= v <= MAX_METRIC_VALUE for v in values_read if v is not None):
+        raise MetricsError(f"a value out of range in the metrics: {reading}")
     return reading
 
 

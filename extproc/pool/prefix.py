@@ -43,7 +43,8 @@ class BlockHasher:
 
     def __call__(self, prompt: str) -> tuple[int, ...]:
         size = self._block_bytes
-        data = prompt[: size * self._max_blocks].encode()
+        # surrogatepass: JSON may decode to lone surrogates, which strict UTF-8 refuses.
+        data = prompt[: size * self._max_blocks].encode("utf-8", "surrogatepass")
         count = min(len(data) // size, self._max_blocks)
         splitter = self._splitters.get(count)
         if splitter is None:

@@ -12,6 +12,7 @@ As GIE's default scheduling profile, weighted queue 2, KV-cache 2, prefix 3:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,8 +42,8 @@ class ScorerWeights:
                 weight = float(value)
             except ValueError:
                 raise ValueError(f"{name}: weight {value!r} is not a number") from None
-            if weight < 0:
-                raise ValueError(f"{name}: weight must be >= 0")
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"{name}: weight must be a finite number >= 0")
             weights[field] = weight
         if not any(weights.values()):
             raise ValueError("at least one scorer needs a positive weight")

@@ -160,7 +160,7 @@ class Service:
             max_body_bytes=settings.max_body_bytes,
             count_tokens=settings.policy == "fair-share" and settings.fair_share_cost == "tokens",
             workloads=self.workloads,
-            request_log=RequestLog(settings.log_format, settings.log_level),
+            request_log=RequestLog(),
         )
         self.health = HealthServicer()
         self.token = BearerToken(settings.admin_token)

@@ -3,7 +3,7 @@
 Model
 - Endpoints: model servers with a speed factor, `slots` requests running at
   once (more wait inside the server), a KV cache of `kv_tokens` and a prefix
-  cache: an LRU of `cache_blocks` prompt blocks (the same chained 64-character
+  cache: an LRU of `cache_blocks` prompt blocks (the same chained 64-byte
   blocks the picker hashes, none of the picker's 256-block cap). A request's
   prefill costs `prefill_per_token` seconds per prompt token NOT in the cache,
   then it decodes `output_tokens` at `decode_per_token` each; both / speed.

@@ -59,12 +59,14 @@ def test_names_are_configurable_and_kv_cache_is_optional() -> None:
     [
         ("up 1\n", "no vllm:num_requests_waiting"),
         ("vllm:num_requests_waiting{ 1\n", "unparsable"),
-        ("vllm:num_requests_waiting NaN\n", "non-finite"),
-        ("vllm:num_requests_waiting 1\nvllm:num_requests_running +Inf\n", "non-finite"),
-        ("vllm:num_requests_waiting 1\nvllm:kv_cache_usage_perc NaN\n", "non-finite"),
+        ("vllm:num_requests_waiting NaN\n", "out of range"),
+        ("vllm:num_requests_waiting 1\nvllm:num_requests_running +Inf\n", "out of range"),
+        ("vllm:num_requests_waiting 1\nvllm:kv_cache_usage_perc NaN\n", "out of range"),
+        ("vllm:num_requests_waiting 1e308\nvllm:num_requests_running 1e308\n", "out of range"),
+        ("vllm:num_requests_waiting -1\n", "out of range"),
     ],
 )
-def test_a_page_without_the_waiting_series_or_with_a_non_finite_value_is_an_error(
+def test_a_page_without_the_waiting_series_or_with_a_value_out_of_range_is_an_error(
     text: str, problem: str
 ) -> None:
     with pytest.raises(MetricsError, match=problem):

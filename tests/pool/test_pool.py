@@ -26,6 +26,8 @@ def test_block_hashes_chain_so_equal_blocks_after_different_prefixes_differ() ->
     # Blocks are of bytes: a 2-byte character counts twice.
     assert len(block_hashes("\u00e9" * 64)) == 2
     assert block_hashes("\u00e9" * 64) != block_hashes("\u00e8" * 64)
+    # JSON decodes "\ud800" to a lone surrogate, which strict UTF-8 refuses: hashed anyway.
+    assert len(block_hashes("\ud800" * 64)) == 3
 
 
 def test_prefix_cache_matches_the_longest_remembered_prefix() -> None:
@@ -52,7 +54,7 @@ def test_prefix_cache_is_bounded_and_evicts_chains_from_their_tail() -> None:
 def test_scorer_weights_parse_and_reject_nonsense() -> None:
     assert ScorerWeights.parse("queue=2,kv-cache=2,prefix=3") == ScorerWeights()
     assert ScorerWeights.parse("prefix=1") == ScorerWeights(0, 0, 1)
-    for bad in ("queue", "speed=1", "queue=-1", "queue=x", "queue=0"):
+    for bad in ("queue", "speed=1", "queue=-1", "queue=x", "queue=0", "prefix=inf", "prefix=nan"):
         with pytest.raises(ValueError, match=r"NAME=WEIGHT|weight"):
             ScorerWeights.parse(bad)
 
