@@ -95,6 +95,17 @@ class Datastore(Protocol):
     def get_workload_registry(self) -> WorkloadRegistry: ...
 
 
+MAX_TOKENS = 10_000_000
+"""The declared range of a token count from outside (a body's `max_tokens`, a prompt's
+estimate, a response's `usage`) is 0..MAX_TOKENS: larger numbers are clamped where they
+enter, so a charge stays a few times 1e7 and counters stay finite and exact enough."""
+
+
+def clamp_tokens(count: int) -> int:
+    """`count` within 0..MAX_TOKENS."""
+    return min(max(count, 0), MAX_TOKENS)
+
+
 @dataclass(frozen=True, slots=True)
 class TokenCount:
     """A request's tokens: its prompt and its answer."""
@@ -197,8 +208,10 @@ class EndpointPool(Protocol):
         Called only after `has_room` said yes for the same request."""
         ...
 
-    def move(self, old: str, new: str) -> bool:
-        """Re-account one request in flight from `old` to `new`; False if `new` is unknown."""
+    def move(self, old: str, new: str, started: bool) -> bool:
+        """Re-account one request in flight from `old` to `new`; False if `new` is unknown.
+
+        `started`: its first byte was reported (`on_first_byte`), so it moves as started."""
         ...
 
     def on_first_byte(self, address: str, seconds: float) -> None: ...

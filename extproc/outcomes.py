@@ -21,6 +21,9 @@ class Outcome(enum.Enum):
     REJECTED_SHUTDOWN = "shutdown"
     REJECTED_NO_ENDPOINT = "no-endpoint"
     """Endpoint picking is on and no ready endpoint is allowed for the request."""
+    REJECTED_INTERNAL = "internal-error"
+    """A policy, admission, capacity or pool hook raised on this request: it was refused
+    and everything it took given back (`Ticket.detail` names the hook)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,7 @@ _FLOW_REJECTIONS = {
     Outcome.EVICTED_QUEUE_TIMEOUT: (503, "waited too long in the queue for capacity"),
     Outcome.REJECTED_SHUTDOWN: (503, "the flow-control service is shutting down"),
     Outcome.REJECTED_NO_ENDPOINT: (503, "no ready endpoint is eligible for this request"),
+    Outcome.REJECTED_INTERNAL: (500, "the flow controller failed on this request"),
     # Nobody is left to read it; defined so every outcome has an answer.
     Outcome.EVICTED_CLIENT_GONE: (499, "the client went away while queued"),
 }
@@ -65,6 +69,8 @@ def rejection_for(outcome: Outcome, retry_after: int = 1, detail: str = "") -> R
             content_type="application/json",
             retry_after=retry_after,
         )
+    if detail and outcome is Outcome.REJECTED_INTERNAL:
+        text = f"{text} ({detail})"
     return Rejection(
         status=status,
         reason=outcome.value,

@@ -26,7 +26,18 @@ Algorithm
   Only a run of `fallback_after` (20) consecutive responses without usage
   switches the policy to `occupancy` for good (it says so once in the log):
   a unit that is never measured must not be billed by guesses alone. A
-  response with usage ends the run.
+  response with usage ends the run. The counters keep their unit across the
+  switch: occupancy is then priced in tokens, at the rate measured so far
+  (an EMA of the tokens billed per completed request over an EMA of its
+  slot-seconds, within 1e-3..1e9 tokens per second), so no comparison ever
+  mixes tokens with seconds, and a request in flight at the switch -- charged
+  in tokens -- is corrected to its priced slot-seconds, not refunded.
+- Numbers from outside are bounded where they enter: token counts within
+  0..`contracts.MAX_TOKENS` (clamped), weights within `MIN_WEIGHT..MAX_WEIGHT`
+  (refused otherwise, at start). A single charge is therefore finite and at
+  most 3 * MAX_TOKENS / MIN_WEIGHT token units, and the counters stay finite.
+- Hooks are atomic: each computes everything that can fail before it changes
+  any state (the flow controller refuses a request whose hook raised).
 - No banking of idle credit: when a workload with nothing queued enqueues,
   c_w = max(c_w, floor). The floor is the system's virtual time -- the
   counter, before charging, of the most recent dispatch, as in start-time
@@ -62,13 +73,18 @@ from typing import Literal
 
 import structlog
 
-from extproc.contracts import QueuedRequest, TokenCount
+from extproc.contracts import QueuedRequest, TokenCount, clamp_tokens
 from extproc.flowcontrol.policy import KeyedPolicy
 
 Cost = Literal["requests", "occupancy", "tokens"]
 OUTPUT_TOKEN_WEIGHT = 2.0
 """An answer token costs this many prompt tokens (decode is dearer than prefill)."""
 DEFAULT_WEIGHTS: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0)
+MIN_WEIGHT = 1e-3
+MAX_WEIGHT = 1e3
+"""The declared range of a weight (criticality weights, a workload's `weight`)."""
+_MIN_RATE, _MAX_RATE = 1e-3, 1e9
+"""Tokens per slot-second, when occupancy is priced in tokens after the fallback."""
 _ESTIMATE_ALPHA = 0.2
 FALLBACK_AFTER = 20
 """tokens: this many consecutive responses without usage switch the cost to occupancy."""
@@ -85,9 +101,14 @@ class FairSharePolicy(KeyedPolicy):
         workload_weight: Callable[[str], float | None] | None = None,
         fallback_after: int = FALLBACK_AFTER,
     ) -> None:
-        if len(criticality_weights) != len(DEFAULT_WEIGHTS) or min(criticality_weights) <= 0:
-            raise ValueError("criticality weights: five positive numbers, for criticality 1..5")
+        check_weights(criticality_weights)
         self.cost = cost
+        self._unit = 1.0
+        """Counter units per slot-second: 1 with cost occupancy; tokens per second once
+        the tokens cost fell back to occupancy."""
+        self._token_average: float | None = None
+        self._seconds_average: float | None = None
+        """tokens: EMAs of the tokens billed and the slot-seconds of completed requests."""
         self._weights = tuple(criticality_weights)
         self._workload_weight = workload_weight or (lambda _workload_id: None)
         self._counters: dict[str, float] = {}
@@ -122,12 +143,13 @@ class FairSharePolicy(KeyedPolicy):
 
     def on_dispatch(self, item: QueuedRequest) -> None:
         workload = item.workload_id
+        charge = self._charge(item)
+        weighted = charge / self._weight(item)
         self._leave_queue(workload)
         self._in_flight[workload] = self._in_flight.get(workload, 0) + 1
         self._virtual_time = max(self._virtual_time, self._counters[workload])
-        charge = self._charge(item)
         self._charged[item.seq] = charge
-        self._counters[workload] += charge / self._weight(item)
+        self._counters[workload] += weighted
         self._rekey(workload)
 
     def on_done(self, item: QueuedRequest, service_time: float | None) -> None:
@@ -140,12 +162,15 @@ class FairSharePolicy(KeyedPolicy):
             if not self._in_flight[workload]:
                 del self._in_flight[workload]
             if self.cost == "occupancy":
-                self._counters[workload] += (service_time - charged) / self._weight(item)
+                priced = service_time * self._unit
+                self._counters[workload] += (priced - charged) / self._weight(item)
                 self._learn(workload, service_time)
                 self._rekey(workload)
             elif self.cost == "tokens":
-                # Also learn seconds, so a switch to occupancy starts informed.
+                # Also learn seconds and their price, so a switch to occupancy starts informed.
                 self._learn(workload, service_time)
+                self._token_average = _ema(self._token_average, charged)
+                self._seconds_average = _ema(self._seconds_average, service_time)
         self._forget_if_idle(workload)
 
     def on_usage(self, item: QueuedRequest, usage: TokenCount | None) -> None:
@@ -154,26 +179,32 @@ class FairSharePolicy(KeyedPolicy):
         if usage is None:
             self._without_usage += 1
             if self._without_usage >= self._fallback_after:
-                structlog.get_logger("extproc.policy").warning(
-                    "fair-share-cost-fallback",
-                    detail=f"{self._without_usage} responses in a row reported no token "
-                    "usage: fair-share charges occupancy (slot-seconds) from now on",
-                )
-                self.cost = "occupancy"
+                self._fall_back()
             return
-        self._without_usage = 0
         measured = _token_cost(usage)
-        self._counters[item.workload_id] += (measured - self._charged[item.seq]) / self._weight(
-            item
-        )
+        correction = (measured - self._charged[item.seq]) / self._weight(item)
+        self._without_usage = 0
+        self._counters[item.workload_id] += correction
         self._rekey(item.workload_id)
         # Corrected once: on_done must not correct it again.
         self._charged[item.seq] = measured
         self._token_costs[item.workload_id] = measured
 
+    def _fall_back(self) -> None:
+        tokens, seconds = self._token_average, self._seconds_average
+        rate = tokens / seconds if tokens and seconds else 1.0
+        self._unit = min(max(rate, _MIN_RATE), _MAX_RATE)
+        structlog.get_logger("extproc.policy").warning(
+            "fair-share-cost-fallback",
+            detail=f"{self._without_usage} responses in a row reported no token usage: "
+            f"fair-share charges occupancy (slot-seconds) from now on, priced at "
+            f"{self._unit:.6g} tokens per second",
+        )
+        self.cost = "occupancy"
+
     def _charge(self, item: QueuedRequest) -> float:
         if self.cost == "occupancy":
-            return self._estimate(item.workload_id)
+            return self._estimate(item.workload_id) * self._unit
         if self.cost == "tokens":
             if item.tokens is not None:
                 return _token_cost(item.tokens)
@@ -208,7 +239,8 @@ class FairSharePolicy(KeyedPolicy):
             heapq.heapify(self._backlog)
 
     def _weight(self, item: QueuedRequest) -> float:
-        return self._workload_weight(item.workload_id) or self._weights[item.criticality - 1]
+        weight = self._workload_weight(item.workload_id) or self._weights[item.criticality - 1]
+        return min(max(weight, MIN_WEIGHT), MAX_WEIGHT)
 
     def _estimate(self, workload: str) -> float:
         # Nothing measured yet: charge nothing and let completion bill the truth.
@@ -216,18 +248,8 @@ class FairSharePolicy(KeyedPolicy):
         return self._estimates.get(workload, self._average_service or 0.0)
 
     def _learn(self, workload: str, service_time: float) -> None:
-        previous = self._estimates.get(workload)
-        self._estimates[workload] = (
-            service_time
-            if previous is None
-            else previous + _ESTIMATE_ALPHA * (service_time - previous)
-        )
-        average = self._average_service
-        self._average_service = (
-            service_time
-            if average is None
-            else average + _ESTIMATE_ALPHA * (service_time - average)
-        )
+        self._estimates[workload] = _ema(self._estimates.get(workload), service_time)
+        self._average_service = _ema(self._average_service, service_time)
 
     def _leave_queue(self, workload: str) -> None:
         left = self._queued[workload] - 1
@@ -244,5 +266,21 @@ class FairSharePolicy(KeyedPolicy):
             self._token_costs.pop(workload, None)
 
 
+def check_weights(weights: Sequence[float]) -> None:
+    """Five finite weights within MIN_WEIGHT..MAX_WEIGHT, else ValueError saying so."""
+    if len(weights) != len(DEFAULT_WEIGHTS) or not all(
+        MIN_WEIGHT <= weight <= MAX_WEIGHT
+        for weight in weights  # False for NaN
+    ):
+        raise ValueError(
+            f"criticality weights: five numbers from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}, "
+            "for criticality 1..5"
+        )
+
+
 def _token_cost(tokens: TokenCount) -> float:
-    return tokens.input + OUTPUT_TOKEN_WEIGHT * tokens.output
+    return clamp_tokens(tokens.input) + OUTPUT_TOKEN_WEIGHT * clamp_tokens(tokens.output)
+
+
+def _ema(average: float | None, value: float) -> float:
+    return value if average is None else average + _ESTIMATE_ALPHA * (value - average)

@@ -23,8 +23,9 @@ Algorithm
   the next one synchronously, and a gate whose room grows by itself wakes the
   controller: no polling tick, no idle gap. Invariant: the queue holds a
   request only while the gate says no or its workload is at its in-flight cap.
-- Limits, checked at the door in this order: the gate says no and the
-  criticality is below `shed_below` (shed); the workload already has its
+- Limits, checked at the door in this order: nothing could take the request
+  now -- the gate says no or (with a pool) no endpoint it may use has room --
+  and its criticality is below `shed_below` (shed); the workload already has its
   `max_queued` waiting (workload-limit); `max_queue` requests wait, and
   `admission.QueueShares` picks who gives way (queue-full, for the arrival or
   the heaviest workload's newest request). Each request waits at most
@@ -67,6 +68,16 @@ Endpoints (when the controller has a `contracts.EndpointPool`)
   ready, none ready at all) is answered REJECTED_NO_ENDPOINT at enqueue, and
   queued ones when the pool's membership changes so that none is left.
 
+Hooks that raise (a policy's, the admission limits', the gate's, the pool's)
+- A hook that raises while a request is admitted or released refuses THAT
+  request (REJECTED_INTERNAL, `Ticket.detail` naming the hook), undoes what it
+  had taken -- hooks are atomic: one that raises has changed nothing -- and
+  logs the error; the others are served as if it had never come. A hook that
+  raises later (completion, usage, first byte, move) is logged and skipped, and
+  the slot is given back all the same: an error never surfaces in another
+  request's completion, and a queue timer never raises. `sort_key` must not
+  raise (it is a read of the policy's own state).
+
 Concurrency: single-threaded, on the event loop that owns the controller;
 only the policy's metric reads reach across threads (through the registry).
 """
@@ -80,6 +91,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import structlog
 
 from extproc.capacity.static import StaticCapacity
 from extproc.contracts import (
@@ -157,7 +170,8 @@ class Ticket:
 
         Call at most once, before `close`; ignored unless the request holds a slot."""
         if self._holds_slot:
-            self._controller._policy.on_usage(self.request, tokens)
+            controller = self._controller
+            controller._quietly("policy.on_usage", self, controller._policy.on_usage, tokens)
 
     def served(self, address: str) -> None:
         """The data plane says `address` served the request: account it there from now on.
@@ -165,11 +179,17 @@ class Ticket:
         Idempotent; an address the pool does not know is ignored."""
         current = self._endpoint
         if self._holds_slot and current is not None and address != current:
-            pool = self._controller.pool
+            controller = self._controller
+            pool = controller.pool
             assert pool is not None
-            if pool.move(current, address):
+            try:
+                moved = pool.move(current, address, self._sampled)
+            except Exception as error:
+                controller._failed("pool.move", self, error)
+                return
+            if moved:
                 self._endpoint = address
-                self._controller.wake()  # the endpoint it left has room for another
+                controller.wake()  # the endpoint it left has room for another
 
     async def wait(self) -> Outcome:
         """The outcome, once decided. Cancelling the caller abandons the ticket."""
@@ -246,7 +266,8 @@ class FlowController:
         """Observer of the seconds each dispatch decision took (wall clock, not `clock`)."""
         self._limits = limits or (lambda _workload_id: NO_LIMITS)
         self.shed_below = shed_below
-        """While the gate says no, refuse criticalities below this at once (shed)."""
+        """While nothing could take a request now (the gate says no, or no endpoint it may
+        use has room), refuse criticalities below this at once (shed)."""
         self._flows: dict[FlowKey, OrderedDict[int, Ticket]] = {}
         self._criticalities: dict[str, set[int]] = {}
         """The criticalities of each workload's non-empty flows."""
@@ -262,6 +283,7 @@ class FlowController:
         self._seq = itertools.count()
         self._accepting = True
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._log = structlog.get_logger("extproc.flow")
 
     @property
     def in_flight(self) -> int:
@@ -293,34 +315,75 @@ class FlowController:
             request.pick,
         )
         workload_id = request.workload_id
-        limits = self._limits(workload_id)
-        room = self._has_free_slot()
-        missing = None if self.pool is None else self.pool.ineligible(request.pick)
+        try:  # reads only: a hook that raises here has nothing to give back
+            limits = self._limits(workload_id)
+            room = self._has_free_slot()
+            missing = None if self.pool is None else self.pool.ineligible(request.pick)
+            at_once = (
+                not self._queued
+                and room
+                and self._under_cap(workload_id, limits)
+                and self._placeable(ticket)
+            )
+            # Shed when nothing could take it now: the gate, or (pool) every endpoint.
+            shed = request.criticality < self.shed_below and not (room and self._placeable(ticket))
+        except Exception as error:
+            self._refuse(ticket, "admission", error, now)
+            return ticket
         if not self._accepting:
             ticket._decide(Outcome.REJECTED_SHUTDOWN, now)
         elif missing is not None:
             ticket.detail = missing
             ticket._decide(Outcome.REJECTED_NO_ENDPOINT, now)
-        elif (
-            not self._queued
-            and room
-            and self._under_cap(workload_id, limits)
-            and self._placeable(ticket)
-        ):
-            self._policy.on_enqueue(ticket.request)
-            self._take_slot(ticket, now)
-        elif not room and request.criticality < self.shed_below:
+        elif at_once:
+            if self._enter_policy(ticket, now):
+                self._take_slot(ticket, now)
+        elif shed:
             ticket._decide(Outcome.REJECTED_SHED, now)
         elif limits.max_queued is not None and self.queued_for(workload_id) >= limits.max_queued:
             ticket._decide(Outcome.REJECTED_WORKLOAD_LIMIT, now)
         elif self._queued >= self.max_queue and not self._make_room(workload_id):
             ticket._decide(Outcome.REJECTED_QUEUE_FULL, now)
-        else:
-            self._policy.on_enqueue(ticket.request)
+        elif self._enter_policy(ticket, now):
             self._push(ticket)
             # Those queued go first, in policy order, should the gate have room.
             self._dispatch_ready()
         return ticket
+
+    def _enter_policy(self, ticket: Ticket, now: float) -> bool:
+        """`policy.on_enqueue`; False when it raised and the ticket was refused."""
+        try:
+            self._policy.on_enqueue(ticket.request)
+        except Exception as error:
+            self._refuse(ticket, "policy.on_enqueue", error, now)
+            return False
+        return True
+
+    def _refuse(self, ticket: Ticket, hook: str, error: Exception, now: float) -> None:
+        """A hook raised on this request, which holds nothing: refuse it, 500."""
+        self._failed(hook, ticket, error)
+        ticket.endpoints = ()
+        ticket._endpoint = None
+        ticket.detail = f"{hook} raised {type(error).__name__}"
+        ticket._decide(Outcome.REJECTED_INTERNAL, now)
+
+    def _failed(self, hook: str, ticket: Ticket, error: Exception) -> None:
+        self._log.error(
+            "flow-control hook failed",
+            hook=hook,
+            workload=ticket.request.workload_id,
+            error=f"{type(error).__name__}: {error}"[:500],
+            exc_info=error,
+        )
+
+    def _quietly(
+        self, hook: str, ticket: Ticket, call: Callable[..., object], *args: object
+    ) -> None:
+        """Run a hook about `ticket` whose failure must not stop the caller: log it."""
+        try:
+            call(ticket.request, *args)
+        except Exception as error:
+            self._failed(hook, ticket, error)
 
     def _make_room(self, workload_id: str) -> bool:
         """Push out the newest request of the workload that gives way, if one does."""
@@ -394,9 +457,14 @@ class FlowController:
         self._shares.add(request.workload_id)
         self._rekey(request.workload_id)
         if self.queue_timeout is not None:
-            ticket._timer = self._clock.call_later(
-                self.queue_timeout, lambda: self._evict(ticket, Outcome.EVICTED_QUEUE_TIMEOUT)
-            )
+            ticket._timer = self._clock.call_later(self.queue_timeout, lambda: self._expire(ticket))
+
+    def _expire(self, ticket: Ticket) -> None:
+        """The queue timeout: a clock callback, which must never raise."""
+        try:
+            self._evict(ticket, Outcome.EVICTED_QUEUE_TIMEOUT)
+        except Exception as error:
+            self._failed("queue-timeout", ticket, error)
 
     def _remove(self, ticket: Ticket) -> None:
         request = ticket.request
@@ -443,22 +511,46 @@ class FlowController:
         return self.pool is None or self.pool.has_room(ticket.pick)
 
     def _take_slot(self, ticket: Ticket, now: float) -> None:
+        """Dispatch `ticket` (already out of the queue, known to the policy). A hook that
+        raises refuses it instead, every step before it undone in reverse."""
+        request, pool = ticket.request, self.pool
+        hook = "policy.on_dispatch"
+        undo: list[tuple[str, Callable[..., object], tuple[object, ...]]] = []
+        try:
+            self._policy.on_dispatch(request)
+            undo.append(("policy.on_done", self._policy.on_done, (0.0,)))
+            if pool is not None:
+                hook = "pool.pick"
+                ticket.endpoints = pool.pick(ticket.pick)
+                ticket._endpoint = ticket.endpoints[0]
+                undo.append(("pool.on_release", self._release_endpoint, (ticket._endpoint,)))
+            hook = "capacity.on_dispatch"
+            self.capacity.on_dispatch()
+        except Exception as error:
+            if not undo:  # it left the queue without a slot, as an eviction does
+                undo.append(("policy.on_done", self._policy.on_done, (None,)))
+            for step, call, args in reversed(undo):
+                self._quietly(step, ticket, call, *args)
+            self._refuse(ticket, hook, error, now)
+            return
         self._in_flight += 1
-        workload_id = ticket.request.workload_id
+        workload_id = request.workload_id
         self._running[workload_id] = self.in_flight_for(workload_id) + 1
-        self.capacity.on_dispatch()
-        if self.pool is not None:
-            ticket.endpoints = self.pool.pick(ticket.pick)
-            ticket._endpoint = ticket.endpoints[0]
-        self._policy.on_dispatch(ticket.request)
         ticket._decide(Outcome.DISPATCHED, now)
+
+    def _release_endpoint(self, _request: QueuedRequest, address: str) -> None:
+        assert self.pool is not None
+        self.pool.on_release(address, False)
 
     def _first_byte(self, ticket: Ticket) -> None:
         dispatched_at = ticket.request.enqueued_at + ticket.wait_time
         seconds = self._clock.now() - dispatched_at
-        self.capacity.on_latency(seconds, dispatched_at)
-        if self.pool is not None and ticket._endpoint is not None:
-            self.pool.on_first_byte(ticket._endpoint, seconds)
+        try:
+            self.capacity.on_latency(seconds, dispatched_at)
+            if self.pool is not None and ticket._endpoint is not None:
+                self.pool.on_first_byte(ticket._endpoint, seconds)
+        except Exception as error:
+            self._failed("first byte", ticket, error)
 
     def _free_slot(self, ticket: Ticket) -> None:
         self._in_flight -= 1
@@ -468,11 +560,18 @@ class FlowController:
             self._running[workload_id] = left
         else:
             del self._running[workload_id]
-        self.capacity.on_release(ticket._sampled)
+        try:
+            self.capacity.on_release(ticket._sampled)
+        except Exception as error:
+            self._failed("capacity.on_release", ticket, error)
         if self.pool is not None and ticket._endpoint is not None:
-            self.pool.on_release(ticket._endpoint, ticket._sampled)
+            try:
+                self.pool.on_release(ticket._endpoint, ticket._sampled)
+            except Exception as error:
+                self._failed("pool.on_release", ticket, error)
         dispatched_at = ticket.request.enqueued_at + ticket.wait_time
-        self._policy.on_done(ticket.request, self._clock.now() - dispatched_at)
+        seconds = self._clock.now() - dispatched_at
+        self._quietly("policy.on_done", ticket, self._policy.on_done, seconds)
         self._rekey(ticket.request.workload_id)
         self._dispatch_ready()
         if self._waiters:
@@ -575,7 +674,7 @@ class FlowController:
     def _evict(self, ticket: Ticket, outcome: Outcome) -> None:
         if ticket.outcome is None:
             self._remove(ticket)
-            self._policy.on_done(ticket.request, None)
+            self._quietly("policy.on_done", ticket, self._policy.on_done, None)
             self._rekey(ticket.request.workload_id)
             ticket._decide(outcome, self._clock.now())
             if self.pool is not None and self._accepting:

@@ -6,6 +6,7 @@ What it reads (`model`, the prompt text, `stream`, `max_tokens`) only informs
 the pick (prefix affinity) and the token estimate; the body itself is always
 forwarded exactly as it came. A body that is not JSON, not an object, or larger
 than the limit reads as "nothing known" -- never a reason to reject a request.
+A `max_tokens` above `contracts.MAX_TOKENS` reads as MAX_TOKENS.
 
 The prompt of a chat request is its messages in order, each as
 "role: text" on its own line, so requests that share a conversation prefix
@@ -17,6 +18,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any, TypeGuard
+
+from extproc.contracts import clamp_tokens
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -79,7 +82,7 @@ def parse(body: bytes) -> InferenceRequest:
         model=model if isinstance(model, str) else None,
         prompt=_prompt(document),
         stream=document.get("stream") is True,
-        max_tokens=max_tokens if is_count(max_tokens) else None,
+        max_tokens=clamp_tokens(max_tokens) if is_count(max_tokens) else None,
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
     )
 

@@ -187,12 +187,16 @@ class EndpointPool:
         primary.on_dispatch()
         return (primary.address, *fallbacks)
 
-    def move(self, old: str, new: str) -> bool:
+    def move(self, old: str, new: str, started: bool) -> bool:
         target = self._endpoints.get(new)
         if target is None:
             return False
-        self._release(old)
+        # Before its first byte it was never counted as started at `old`: releasing it
+        # as started there would skew that endpoint's learnt slot count.
+        self._release(old, started)
         target.on_dispatch()
+        if started:
+            target.server.started()  # it runs at `new`: count it started there too
         return True
 
     def on_first_byte(self, address: str, seconds: float) -> None:

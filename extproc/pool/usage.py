@@ -3,6 +3,7 @@
 - Estimate (at dispatch): input = prompt characters / 4 (rounded up; the usual
   rule of thumb for English text and BPE tokenizers), output = `max_tokens`,
   else `DEFAULT_OUTPUT_TOKENS`. None when the body said nothing usable.
+- Both, estimated or measured, are clamped to 0..`contracts.MAX_TOKENS`.
 - Measure (at completion): the response's `usage` object
   (`prompt_tokens`, `completion_tokens`), from a JSON body or, for a stream,
   from the last SSE `data:` event that carries one (OpenAI servers send it
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from extproc.contracts import TokenCount
+from extproc.contracts import TokenCount, clamp_tokens
 from extproc.pool.body import InferenceRequest, is_count
 
 CHARS_PER_TOKEN = 4
@@ -29,7 +30,12 @@ def estimate(request: InferenceRequest) -> TokenCount | None:
         return None
     prompt = request.prompt or ""
     output = request.max_tokens if request.max_tokens is not None else DEFAULT_OUTPUT_TOKENS
-    return TokenCount(-(-len(prompt) // CHARS_PER_TOKEN), output)
+    return counted(-(-len(prompt) // CHARS_PER_TOKEN), output)
+
+
+def counted(input_tokens: int, output_tokens: int) -> TokenCount:
+    """A token count from outside, within the declared range (`contracts.MAX_TOKENS`)."""
+    return TokenCount(clamp_tokens(input_tokens), clamp_tokens(output_tokens))
 
 
 class UsageReader:
@@ -90,4 +96,4 @@ def _usage_of(document: Any) -> TokenCount | None:
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if not (is_count(prompt) and is_count(completion)):
         return None
-    return TokenCount(prompt, completion)
+    return counted(prompt, completion)

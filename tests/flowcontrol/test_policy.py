@@ -274,5 +274,8 @@ def test_fair_share_tokens_falls_back_to_occupancy_after_a_run_without_usage() -
     policy.on_usage(item, None)
     assert policy.cost == "occupancy"
     policy.on_done(item, 2.0)
-    # From now on slot-seconds: the measured 2 s replaces the third 20-token guess.
-    assert policy.counter("a") == pytest.approx(42.0)
+    # From now on slot-seconds, priced at the measured 10 tokens per second: the third
+    # request's 2 s cost the 20 tokens it was charged -- one unit, no refund.
+    assert policy.counter("a") == pytest.approx(60.0)
+    item = _dispatched(policy, 4, TokenCount(10, 5))
+    assert policy.counter("a") == pytest.approx(80.0)  # its 2 s estimate, priced
