@@ -15,6 +15,11 @@ the backend at once; more wait), `max_queued` (its requests waiting; more are
 refused 429 `workload-limit`), `allow` (false: refused 403; on `default`, only
 listed ids are served).
 
+Ids are the keys exactly as written: YAML 1.1 would read `0042`, `12:30`, `on`
+as 34, 750 and True, so every mapping key is kept as its text, and a key given
+twice in one mapping is an error naming it and its line. A `weight` must be
+within `fair_share.MIN_WEIGHT..MAX_WEIGHT` (finite).
+
 Lifecycle: read and validated with pydantic at start (a bad file stops the
 process); then `Workloads.reload_if_changed`, called every second by the
 service, re-reads the file when its bytes changed. A bad
@@ -28,7 +33,7 @@ current frozen table, never a half-built one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -46,6 +51,7 @@ from extproc.context import (
     check_id,
 )
 from extproc.flowcontrol.admission import NO_LIMITS, WorkloadLimits
+from extproc.flowcontrol.fair_share import MAX_WEIGHT, MIN_WEIGHT
 
 DEFAULT_ENTRY = "default"
 Criticality = Annotated[int, Field(ge=MIN_CRITICALITY, le=MAX_CRITICALITY)]
@@ -58,7 +64,7 @@ class WorkloadsFileError(ValueError):
 class WorkloadSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    weight: float | None = Field(None, gt=0)
+    weight: float | None = Field(None, ge=MIN_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False)
     criticality: Criticality | None = None
     max_criticality: Criticality | None = None
     max_in_flight: int | None = Field(None, ge=1)
@@ -77,6 +83,46 @@ class WorkloadSpec(BaseModel):
 
 
 _OPEN = WorkloadSpec()
+
+
+class _BadKey(yaml.YAMLError):
+    def __init__(self, problem: str, node: yaml.Node) -> None:
+        super().__init__(f"line {node.start_mark.line + 1}: {problem}")
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML whose mapping keys stay the text written, each at most once."""
+
+    def construct_mapping(
+        self, node: yaml.MappingNode, deep: bool = False
+    ) -> dict[Hashable, object]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise _BadKey("a key must be a plain string", key_node)
+            if key_node.value in seen:
+                raise _BadKey(f"duplicate key {key_node.value!r}", key_node)
+            seen.add(key_node.value)
+        self.flatten_mapping(node)  # `<<` merges: later keys override merged ones
+        mapping: dict[Hashable, object] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise _BadKey("a key must be a plain string", key_node)
+            mapping[key_node.value] = self.construct_object(value_node, deep=deep)
+        return mapping
+
+
+def _load(path: Path) -> object:
+    try:
+        return yaml.load(path.read_text(), Loader=_Loader)
+    except _BadKey as error:
+        raise WorkloadsFileError(f"{path} {error}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise WorkloadsFileError(f"{path}: {error}") from None
+    except RecursionError:
+        raise WorkloadsFileError(f"{path}: nested too deeply to read") from None
 
 
 class _Entries(RootModel[dict[str, WorkloadSpec]]):
@@ -99,16 +145,13 @@ class WorkloadTable:
 
     @classmethod
     def read(cls, path: Path) -> WorkloadTable:
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as error:
-            raise WorkloadsFileError(f"{path}: {error}") from None
+        raw = _load(path)
         if raw is None:
             return cls({})
         if not isinstance(raw, dict):
             raise WorkloadsFileError(f"{path}: expected a mapping of workload id to its entry")
         try:
-            entries = _Entries.model_validate({str(k): v for k, v in raw.items()}).root
+            entries = _Entries.model_validate(raw).root
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
@@ -188,7 +231,7 @@ class Workloads:
         self._signature = signature
         try:
             table = WorkloadTable.read(self.path)
-        except WorkloadsFileError as error:
+        except Exception as error:  # whatever an edit holds, the reloading goes on
             self.errors += 1
             self._log.error(
                 "workloads file rejected; keeping the last good table", error=str(error)
@@ -198,7 +241,10 @@ class Workloads:
         self.reloads += 1
         self._log.info("workloads file reloaded", path=str(self.path), entries=len(table.entries))
         for listener in self._listeners:
-            listener()
+            try:
+                listener()
+            except Exception:
+                self._log.exception("workloads change listener failed")
         return True
 
 

@@ -70,7 +70,7 @@ def test_no_table_limits_nothing() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("team-a: {weight: 0}", "team-a.weight: Input should be greater than 0"),
+        ("team-a: {weight: 0}", "team-a.weight: Input should be greater than or equal to 0.001"),
         ("team-a: {wieght: 2}", "team-a.wieght: Extra inputs are not permitted"),
         ("team-a: {max_criticality: 7}", "team-a.max_criticality"),
         ("team-a: {criticality: 4, max_criticality: 2}", "criticality 4 is above max_criticality"),

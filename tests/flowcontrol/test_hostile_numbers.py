@@ -8,13 +8,14 @@ from collections import Counter
 import pytest
 
 from extproc.clock import VirtualClock
-from extproc.contracts import MAX_TOKENS, QueuedRequest, TokenCount
+from extproc.contracts import MAX_TOKENS, PickRequest, QueuedRequest, TokenCount
 from extproc.flowcontrol.fair_share import FairSharePolicy
 from extproc.flowcontrol.policy import FcfsPolicy
 from extproc.flowcontrol.queue import FlowController, FlowRequest, Ticket
 from extproc.outcomes import Outcome, rejection_for
 from extproc.pool.body import parse
 from extproc.pool.usage import estimate
+from tests.pool.support import make_pool
 
 
 class Bomb(Exception):
@@ -252,3 +253,51 @@ def test_the_request_completing_at_the_switch_is_not_refunded() -> None:
 def test_criticality_weights_must_be_finite_and_in_range(weights: tuple[float, ...]) -> None:
     with pytest.raises(ValueError, match="criticality"):
         FairSharePolicy("requests", weights)
+
+
+# -- case 4: shed in pool mode ----------------------------------------------------------------
+
+E1, E2 = "10.0.0.1:8000", "10.0.0.2:8000"
+
+
+def test_shed_below_sheds_when_no_endpoint_has_room() -> None:
+    """Issue 23 case 4: the gate is unlimited, the one endpoint full; a criticality-1
+    request was queued instead of shed."""
+    clock = VirtualClock()
+    pool = make_pool(clock, [E1], max_in_flight=1)
+    flow = FlowController(FcfsPolicy(), clock, pool=pool, shed_below=2)
+    first = flow.enqueue(FlowRequest("a", 3))
+    assert first.outcome is Outcome.DISPATCHED
+    low = flow.enqueue(FlowRequest("b", 1))
+    assert low.outcome is Outcome.REJECTED_SHED
+    high = flow.enqueue(FlowRequest("b", 3))
+    assert high.outcome is None  # at or above shed_below: it waits
+    first.close()
+    assert high.outcome is Outcome.DISPATCHED
+    high.close()
+    assert (flow.in_flight, flow.queued) == (0, 0)
+
+
+# -- case 8: a served report before the first byte --------------------------------------------
+
+
+def test_a_move_before_the_first_byte_leaves_the_old_endpoints_started_count() -> None:
+    clock = VirtualClock()
+    pool = make_pool(clock, [E1, E2])
+    flow = FlowController(FcfsPolicy(), clock, pool=pool)
+    running = flow.enqueue(FlowRequest("a", 3, PickRequest(subset=frozenset({E1}))))
+    running.first_byte()
+    moved = flow.enqueue(FlowRequest("a", 3, PickRequest(subset=frozenset({E1}))))
+    old, new = pool.endpoint(E1), pool.endpoint(E2)
+    assert old is not None
+    assert new is not None
+    assert (old.in_flight, old.server.started_in_flight) == (2, 1)
+    moved.served(E2)  # before its first byte
+    assert (old.in_flight, old.server.started_in_flight) == (1, 1)
+    moved.first_byte()
+    assert (new.in_flight, new.server.started_in_flight) == (1, 1)
+    running.served(E2)  # after its first byte: it moves as started
+    assert (old.server.started_in_flight, new.server.started_in_flight) == (0, 2)
+    running.close()
+    moved.close()
+    assert (new.in_flight, new.server.started_in_flight) == (0, 0)
