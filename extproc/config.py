@@ -11,6 +11,7 @@ from the file, its line).
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
@@ -33,7 +34,7 @@ from extproc.capacity.saturation import (
     WAITING_METRICS,
     SaturationOptions,
 )
-from extproc.flowcontrol.fair_share import DEFAULT_WEIGHTS
+from extproc.flowcontrol.fair_share import DEFAULT_WEIGHTS, check_weights
 from extproc.flowcontrol.policies import POLICIES, PolicyOptions
 from extproc.flowcontrol.policy import ScoreWeights
 from extproc.pool.body import DEFAULT_MAX_BODY_BYTES
@@ -316,7 +317,7 @@ class Settings(BaseSettings):
     @classmethod
     def _endpoint_addresses(cls, value: list[str]) -> list[str]:
         for address in value:
-            host, _ = parse_address(address)
+            host = _routable_host(address)
             try:
                 ipaddress.ip_address(host)
             except ValueError:
@@ -327,7 +328,12 @@ class Settings(BaseSettings):
     @classmethod
     def _dns_names(cls, value: list[str]) -> list[str]:
         for name in value:
-            parse_address(name)
+            host = _routable_host(name)
+            if not _DNS_NAME.fullmatch(host) or len(host) > 253:
+                raise ValueError(
+                    f"expected NAME:PORT, {host!r} is not a DNS name (dot-separated labels of "
+                    "1-63 letters, digits, '-' or '_', none starting or ending with '-')"
+                )
         return value
 
     @field_validator("scorers")
@@ -365,8 +371,7 @@ class Settings(BaseSettings):
             weights = [float(part) for part in value.split(",")]
         except ValueError:
             raise ValueError("expected five comma-separated numbers") from None
-        if len(weights) != len(DEFAULT_WEIGHTS) or min(weights) <= 0:
-            raise ValueError("expected five positive numbers, for criticality 1..5")
+        check_weights(weights)
         return value
 
     @field_validator("tls_cert", "tls_key", "tls_client_ca")
@@ -461,6 +466,18 @@ class Settings(BaseSettings):
             window=self.adaptive_window,
             probe_interval=self.adaptive_probe_interval,
         )
+
+
+_DNS_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
+
+
+def _routable_host(address: str) -> str:
+    """The host of HOST:PORT, refusing an IPv6 address without brackets: "::1:8000" is
+    ambiguous, and Envoy cannot route to it as written."""
+    host, _ = parse_address(address)
+    if ":" in host and not address.startswith("["):
+        raise ValueError(f"expected IPv6 in brackets, as [::1]:8000, got {address!r}")
+    return host
 
 
 def _names(value: str) -> tuple[str, ...]:

@@ -3,7 +3,9 @@
 Each source reports the whole set it sees (`EndpointPool.update`), so a
 vanished endpoint leaves the pool at the next report. A DNS lookup that fails
 keeps the last set it found (a resolver hiccup must not empty the pool); a
-name that resolves to nothing empties its share. Kubernetes InferencePools
+name that resolves to nothing empties its share -- the resolver's "no such
+name" or "no address" answer (gaierror EAI_NONAME, EAI_NODATA) is that
+answer, not a failure. Kubernetes InferencePools
 are watched in `kubernetes`.
 """
 
@@ -18,6 +20,9 @@ import structlog
 from extproc.addresses import parse_address
 from extproc.pool.pool import EndpointPool
 from extproc.tasks import cancel_and_wait
+
+_NO_RECORDS = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+"""getaddrinfo's answers for a name with no records (not a failed lookup)."""
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 """(name, port) -> the IP addresses of its A/AAAA records."""
@@ -64,13 +69,21 @@ class DnsDiscovery:
     async def refresh(self) -> None:
         try:
             hosts = await self._resolver(self._name, self._port)
-        except OSError as error:
-            if not self._failing:
-                self._failing = True
-                self._log.warning("endpoint DNS lookup failed", name=self._name, error=str(error))
+        except socket.gaierror as error:
+            if error.errno not in _NO_RECORDS:
+                self._failed(error)
+                return
+            hosts = []
+        except (OSError, UnicodeError) as error:  # UnicodeError: a name IDNA refuses
+            self._failed(error)
             return
         self._failing = False
         self._pool.update(self._source, {format_address(h, self._port): True for h in hosts})
+
+    def _failed(self, error: Exception) -> None:
+        if not self._failing:
+            self._failing = True
+            self._log.warning("endpoint DNS lookup failed", name=self._name, error=str(error))
 
     async def _refresh_forever(self) -> None:
         while True:

@@ -3,7 +3,8 @@
 One task per endpoint (a slow one delays only its own readings), started
 and stopped as discovery adds and removes endpoints. Reading and parsing
 are the metrics gate's (`capacity.scraper.read_metrics`). A scrape that
-cannot connect counts towards the endpoint being dead; any other failure
+cannot connect (or whose URL cannot be formed) counts towards the endpoint
+being dead; any other failure
 only lets its readings go stale.
 """
 
@@ -81,7 +82,8 @@ class EndpointScraper:
             reading = await read_metrics(session, url, endpoint.options.saturation)
         except SCRAPE_ERRORS as error:
             text = str(error) or type(error).__name__
-            unreachable = isinstance(error, aiohttp.ClientConnectorError)
+            # A URL that cannot even be formed can never connect either.
+            unreachable = isinstance(error, (aiohttp.ClientConnectorError, aiohttp.InvalidURL))
             if endpoint.fail_scrape(self._clock.now(), text, unreachable=unreachable):
                 self._log.warning("endpoint scrape failed", endpoint=address, error=text)
         else:
