@@ -516,6 +516,8 @@ def describe_error(error: ValidationError, config: ConfigFile | None = None) -> 
     flag = "--" + name.replace("_", "-")
     value = first.get("input")
     shown = "" if isinstance(value, dict) or name == "admin_token" else f"={value}"
+    if not shown.isprintable():
+        shown = f"={value!r}"  # one line, whatever the value holds
     where = f"env {ENV_PREFIX}{name.upper()}"
     if config is not None and name in config.lines:
         where += f", or {config.path} line {config.lines[name]}"

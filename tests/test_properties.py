@@ -303,7 +303,9 @@ FLAGS = [
     flag=st.sampled_from(FLAGS),
     value=st.one_of(
         st.text(max_size=40),
-        st.sampled_from(["nan,1,1,1,1", "inf", "::1:80", "a..b:80", "[::1]:80", "1e400", "-1"]),
+        st.sampled_from(
+            ["nan,1,1,1,1", "inf", "::1:80", "a..b:80", "[::1]:80", "1e400", "-1", "1\n2"]
+        ),
     ),
 )
 def test_any_flag_value_gives_settings_or_one_line(flag: str, value: str) -> None:
