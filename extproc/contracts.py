@@ -137,6 +137,11 @@ class Policy(Protocol):
     `on_enqueue` once when a request is admitted (queued or dispatched at once),
     `on_dispatch` when it takes a slot, and `on_done` exactly once at its end,
     with its slot time (None if it never got a slot).
+
+    Hooks are atomic: one that raises must have changed nothing. The controller
+    then refuses that request (REJECTED_INTERNAL) and reports its end with
+    `on_done` -- None, or 0.0 when `on_dispatch` had succeeded before a later
+    step of the dispatch raised. `sort_key` must not raise.
     """
 
     name: str
