@@ -90,7 +90,13 @@ class _BadKey(yaml.YAMLError):
         super().__init__(f"line {node.start_mark.line + 1}: {problem}")
 
 
-class _Loader(yaml.SafeLoader):
+try:  # libyaml: fast, and refuses nesting past 1000 levels with an error
+    from yaml import CSafeLoader as _SafeLoader
+except ImportError:  # pragma: no cover -- PyYAML's wheels ship libyaml
+    from yaml import SafeLoader as _SafeLoader  # type: ignore[assignment]
+
+
+class _Loader(_SafeLoader):
     """Safe YAML whose mapping keys stay the text written, each at most once."""
 
     def construct_mapping(
@@ -120,7 +126,8 @@ def _load(path: Path) -> object:
     except _BadKey as error:
         raise WorkloadsFileError(f"{path} {error}") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise WorkloadsFileError(f"{path}: {error}") from None
+        one_line = " ".join(str(error).split())
+        raise WorkloadsFileError(f"{path}: {one_line}") from None
     except RecursionError:
         raise WorkloadsFileError(f"{path}: nested too deeply to read") from None
 

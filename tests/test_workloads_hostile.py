@@ -42,7 +42,8 @@ def test_values_keep_their_yaml_meaning(tmp_path: Path) -> None:
         ("team-a: {weight: .nan}\n", "team-a.weight"),
         ("team-a: {weight: .inf}\n", "team-a.weight"),
         ("team-a: {weight: 1e-9}\n", "team-a.weight"),
-        ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nest"),
+        ("a:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 3000)), "nest"),
     ],
 )
 def test_unusable_files_are_refused_naming_the_key_and_line(
