@@ -140,8 +140,8 @@ class Policy(Protocol):
 
     Hooks are atomic: one that raises must have changed nothing. The controller
     then refuses that request (REJECTED_INTERNAL) and reports its end with
-    `on_done` -- None, or 0.0 when `on_dispatch` had succeeded before a later
-    step of the dispatch raised. `sort_key` must not raise.
+    `on_done(item, None)`, or with `on_undispatch` instead when `on_dispatch` had
+    succeeded before a later step of the dispatch raised. `sort_key` must not raise.
     """
 
     name: str
@@ -161,6 +161,11 @@ class Policy(Protocol):
     def on_enqueue(self, item: QueuedRequest) -> None: ...
 
     def on_dispatch(self, item: QueuedRequest) -> None: ...
+
+    def on_undispatch(self, item: QueuedRequest) -> None:
+        """`on_dispatch` succeeded, then a later step of the dispatch raised: the request
+        ends unserved. Undo the dispatch; learn nothing from it (it had no service time)."""
+        ...
 
     def on_done(self, item: QueuedRequest, service_time: float | None) -> None: ...
 

@@ -37,7 +37,9 @@ Algorithm
   (refused otherwise, at start). A single charge is therefore finite and at
   most 3 * MAX_TOKENS / MIN_WEIGHT token units, and the counters stay finite.
 - Hooks are atomic: each computes everything that can fail before it changes
-  any state (the flow controller refuses a request whose hook raised).
+  any state (the flow controller refuses a request whose hook raised). A
+  dispatch refused by a later step is undone (`on_undispatch`): its charge is
+  refunded and no service time is learnt from it.
 - No banking of idle credit: when a workload with nothing queued enqueues,
   c_w = max(c_w, floor). The floor is the system's virtual time -- the
   counter, before charging, of the most recent dispatch, as in start-time
@@ -152,15 +154,20 @@ class FairSharePolicy(KeyedPolicy):
         self._counters[workload] += weighted
         self._rekey(workload)
 
+    def on_undispatch(self, item: QueuedRequest) -> None:
+        # Refused after on_dispatch: as if never charged, and nothing learnt from it.
+        weight = self._weight(item)
+        charged = self._leave_flight(item)
+        self._counters[item.workload_id] -= charged / weight
+        self._rekey(item.workload_id)
+        self._forget_if_idle(item.workload_id)
+
     def on_done(self, item: QueuedRequest, service_time: float | None) -> None:
         workload = item.workload_id
         if service_time is None:
             self._leave_queue(workload)
         else:
-            charged = self._charged.pop(item.seq)
-            self._in_flight[workload] -= 1
-            if not self._in_flight[workload]:
-                del self._in_flight[workload]
+            charged = self._leave_flight(item)
             if self.cost == "occupancy":
                 priced = service_time * self._unit
                 self._counters[workload] += (priced - charged) / self._weight(item)
@@ -250,6 +257,15 @@ class FairSharePolicy(KeyedPolicy):
     def _learn(self, workload: str, service_time: float) -> None:
         self._estimates[workload] = _ema(self._estimates.get(workload), service_time)
         self._average_service = _ema(self._average_service, service_time)
+
+    def _leave_flight(self, item: QueuedRequest) -> float:
+        """Its charge, no longer in flight."""
+        charged = self._charged.pop(item.seq)
+        workload = item.workload_id
+        self._in_flight[workload] -= 1
+        if not self._in_flight[workload]:
+            del self._in_flight[workload]
+        return charged
 
     def _leave_queue(self, workload: str) -> None:
         left = self._queued[workload] - 1

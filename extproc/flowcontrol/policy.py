@@ -50,6 +50,9 @@ class StatelessPolicy(KeyedPolicy):
     def on_dispatch(self, item: QueuedRequest) -> None:
         pass
 
+    def on_undispatch(self, item: QueuedRequest) -> None:
+        pass
+
     def on_done(self, item: QueuedRequest, service_time: float | None) -> None:
         pass
 

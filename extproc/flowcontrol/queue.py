@@ -518,7 +518,7 @@ class FlowController:
         undo: list[tuple[str, Callable[..., object], tuple[object, ...]]] = []
         try:
             self._policy.on_dispatch(request)
-            undo.append(("policy.on_done", self._policy.on_done, (0.0,)))
+            undo.append(("policy.on_undispatch", self._policy.on_undispatch, ()))
             if pool is not None:
                 hook = "pool.pick"
                 ticket.endpoints = pool.pick(ticket.pick)

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from extproc.capacity.static import StaticCapacity
 from extproc.clock import VirtualClock
 from extproc.contracts import MAX_TOKENS, PickRequest, QueuedRequest, TokenCount
 from extproc.flowcontrol.fair_share import FairSharePolicy
@@ -301,3 +302,39 @@ def test_a_move_before_the_first_byte_leaves_the_old_endpoints_started_count() -
     running.close()
     moved.close()
     assert (new.in_flight, new.server.started_in_flight) == (0, 0)
+
+
+# -- a dispatch undone after on_dispatch succeeded --------------------------------------------
+
+
+class FailingGate(StaticCapacity):
+    """No limit; `on_dispatch` raises while `failing`."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.failing = False
+
+    def on_dispatch(self) -> None:
+        if self.failing:
+            raise Bomb("capacity.on_dispatch")
+
+
+@pytest.mark.parametrize("cost", ["occupancy", "tokens", "requests"])
+def test_a_dispatch_undone_after_on_dispatch_teaches_fair_share_nothing(cost: str) -> None:
+    """The undo used to be on_done(0.0): a 0 s service time fed to the estimators, and
+    (cost requests) the charge kept for a request never served."""
+    clock = VirtualClock()
+    policy = FairSharePolicy(cost)  # type: ignore[arg-type]
+    gate = FailingGate()
+    flow = FlowController(policy, clock, capacity=gate)
+    served = flow.enqueue(FlowRequest("a", 3, tokens=TokenCount(10, 10)))
+    clock.advance(4)
+    served.usage(TokenCount(10, 10))
+    served.close()
+    before = (policy.counter("a"), policy._average_service, policy._seconds_average)
+    gate.failing = True
+    refused = flow.enqueue(FlowRequest("a", 3, tokens=TokenCount(10, 10)))
+    assert refused.outcome is Outcome.REJECTED_INTERNAL
+    assert (policy.counter("a"), policy._average_service, policy._seconds_average) == before
+    assert not policy._charged
+    assert not policy._in_flight
