@@ -171,7 +171,9 @@ class Ticket:
         Call at most once, before `close`; ignored unless the request holds a slot."""
         if self._holds_slot:
             controller = self._controller
-            controller._quietly("policy.on_usage", self, controller._policy.on_usage, tokens)
+            controller._quietly(
+                "policy.on_usage", self, controller._policy.on_usage, self.request, tokens
+            )
 
     def served(self, address: str) -> None:
         """The data plane says `address` served the request: account it there from now on.
@@ -381,7 +383,7 @@ class FlowController:
     ) -> None:
         """Run a hook about `ticket` whose failure must not stop the caller: log it."""
         try:
-            call(ticket.request, *args)
+            call(*args)
         except Exception as error:
             self._failed(hook, ticket, error)
 
@@ -518,17 +520,17 @@ class FlowController:
         undo: list[tuple[str, Callable[..., object], tuple[object, ...]]] = []
         try:
             self._policy.on_dispatch(request)
-            undo.append(("policy.on_undispatch", self._policy.on_undispatch, ()))
+            undo.append(("policy.on_undispatch", self._policy.on_undispatch, (request,)))
             if pool is not None:
                 hook = "pool.pick"
                 ticket.endpoints = pool.pick(ticket.pick)
                 ticket._endpoint = ticket.endpoints[0]
-                undo.append(("pool.on_release", self._release_endpoint, (ticket._endpoint,)))
+                undo.append(("pool.on_release", pool.on_release, (ticket._endpoint, False)))
             hook = "capacity.on_dispatch"
             self.capacity.on_dispatch()
         except Exception as error:
             if not undo:  # it left the queue without a slot, as an eviction does
-                undo.append(("policy.on_done", self._policy.on_done, (None,)))
+                undo.append(("policy.on_done", self._policy.on_done, (request, None)))
             for step, call, args in reversed(undo):
                 self._quietly(step, ticket, call, *args)
             self._refuse(ticket, hook, error, now)
@@ -538,19 +540,17 @@ class FlowController:
         self._running[workload_id] = self.in_flight_for(workload_id) + 1
         ticket._decide(Outcome.DISPATCHED, now)
 
-    def _release_endpoint(self, _request: QueuedRequest, address: str) -> None:
-        assert self.pool is not None
-        self.pool.on_release(address, False)
-
     def _first_byte(self, ticket: Ticket) -> None:
         dispatched_at = ticket.request.enqueued_at + ticket.wait_time
         seconds = self._clock.now() - dispatched_at
-        try:
-            self.capacity.on_latency(seconds, dispatched_at)
-            if self.pool is not None and ticket._endpoint is not None:
-                self.pool.on_first_byte(ticket._endpoint, seconds)
-        except Exception as error:
-            self._failed("first byte", ticket, error)
+        # Each counts the first byte on its own: one that raised must not skip the other.
+        self._quietly(
+            "capacity.on_latency", ticket, self.capacity.on_latency, seconds, dispatched_at
+        )
+        if self.pool is not None and ticket._endpoint is not None:
+            self._quietly(
+                "pool.on_first_byte", ticket, self.pool.on_first_byte, ticket._endpoint, seconds
+            )
 
     def _free_slot(self, ticket: Ticket) -> None:
         self._in_flight -= 1
@@ -560,18 +560,14 @@ class FlowController:
             self._running[workload_id] = left
         else:
             del self._running[workload_id]
-        try:
-            self.capacity.on_release(ticket._sampled)
-        except Exception as error:
-            self._failed("capacity.on_release", ticket, error)
+        self._quietly("capacity.on_release", ticket, self.capacity.on_release, ticket._sampled)
         if self.pool is not None and ticket._endpoint is not None:
-            try:
-                self.pool.on_release(ticket._endpoint, ticket._sampled)
-            except Exception as error:
-                self._failed("pool.on_release", ticket, error)
+            self._quietly(
+                "pool.on_release", ticket, self.pool.on_release, ticket._endpoint, ticket._sampled
+            )
         dispatched_at = ticket.request.enqueued_at + ticket.wait_time
         seconds = self._clock.now() - dispatched_at
-        self._quietly("policy.on_done", ticket, self._policy.on_done, seconds)
+        self._quietly("policy.on_done", ticket, self._policy.on_done, ticket.request, seconds)
         self._rekey(ticket.request.workload_id)
         self._dispatch_ready()
         if self._waiters:
@@ -674,7 +670,7 @@ class FlowController:
     def _evict(self, ticket: Ticket, outcome: Outcome) -> None:
         if ticket.outcome is None:
             self._remove(ticket)
-            self._quietly("policy.on_done", ticket, self._policy.on_done, None)
+            self._quietly("policy.on_done", ticket, self._policy.on_done, ticket.request, None)
             self._rekey(ticket.request.workload_id)
             ticket._decide(outcome, self._clock.now())
             if self.pool is not None and self._accepting:

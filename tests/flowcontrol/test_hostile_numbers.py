@@ -338,3 +338,27 @@ def test_a_dispatch_undone_after_on_dispatch_teaches_fair_share_nothing(cost: st
     assert (policy.counter("a"), policy._average_service, policy._seconds_average) == before
     assert not policy._charged
     assert not policy._in_flight
+
+
+class LatencyFailingGate(StaticCapacity):
+    def on_latency(self, seconds: float, dispatched_at: float) -> None:
+        raise Bomb("capacity.on_latency")
+
+
+def test_a_gate_raising_at_first_byte_does_not_skip_the_pools_started_count() -> None:
+    """The pool's first byte was skipped when the gate's raised, and the release (as
+    started) then took the started count of another request at that endpoint."""
+    clock = VirtualClock()
+    pool = make_pool(clock, [E1])
+    flow = FlowController(FcfsPolicy(), clock, capacity=LatencyFailingGate(), pool=pool)
+    first = flow.enqueue(FlowRequest("a", 3))
+    second = flow.enqueue(FlowRequest("a", 3))
+    endpoint = pool.endpoint(E1)
+    assert endpoint is not None
+    first.first_byte()
+    second.first_byte()
+    assert endpoint.server.started_in_flight == 2
+    first.close()
+    assert endpoint.server.started_in_flight == 1
+    second.close()
+    assert (flow.in_flight, endpoint.in_flight) == (0, 0)
