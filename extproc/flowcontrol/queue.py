@@ -75,7 +75,10 @@ Hooks that raise (a policy's, the admission limits', the gate's, the pool's)
   logs the error; the others are served as if it had never come. A hook that
   raises later (completion, usage, first byte, move) is logged and skipped, and
   the slot is given back all the same: an error never surfaces in another
-  request's completion, and a queue timer never raises. `sort_key` must not
+  request's completion, and a queue timer never raises. Releasing runs inside
+  those completions and callbacks: a queued head whose pool read (`has_room`)
+  raises is refused; another read that raises (the gate's, the limits') is
+  logged and releasing resumes at the next completion or wake. `sort_key` must not
   raise (it is a read of the policy's own state).
 
 Concurrency: single-threaded, on the event loop that owns the controller;
@@ -119,6 +122,15 @@ class FlowRequest:
     """What the endpoint picker may use; ignored without an endpoint pool."""
     tokens: TokenCount | None = None
     """The request's estimated tokens, for fair-share's `tokens` cost."""
+
+
+class _HeadFailed(Exception):
+    """The pool raised on a queued head's pick: that head is refused."""
+
+    def __init__(self, ticket: Ticket, error: Exception) -> None:
+        super().__init__(ticket, error)
+        self.ticket = ticket
+        self.error = error
 
 
 class Ticket:
@@ -574,9 +586,28 @@ class FlowController:
             self._notify()
 
     def _dispatch_ready(self) -> None:
+        """Release what the gate allows. It runs inside other requests' completions and
+        the gate's, the pool's and the clock's callbacks, so nothing may escape it: a
+        queued head whose pool read raises is refused; any other read that raises is
+        logged, and releasing resumes at the next completion or wake."""
+        try:
+            self._release_ready()
+        except Exception as error:
+            self._log.error(
+                "flow-control dispatch failed",
+                error=f"{type(error).__name__}: {error}"[:500],
+                exc_info=error,
+            )
+
+    def _release_ready(self) -> None:
         while self._flows and self._has_free_slot():
             started = time.perf_counter()
-            ticket = self._pick() if self.pool is None else self._pick_placeable()
+            try:
+                ticket = self._pick() if self.pool is None else self._pick_placeable()
+            except _HeadFailed as failed:
+                self._leave(failed.ticket)
+                self._refuse(failed.ticket, "pool.has_room", failed.error, self._clock.now())
+                continue
             if ticket is None:
                 return  # every head waits for an endpoint of its own or its workload's cap
             if self.on_pick is not None:
@@ -611,23 +642,25 @@ class FlowController:
                 for (workload_id, _), flow in self._flows.items()
                 if self._under_cap(workload_id, self._limits(workload_id))
             ]
-            placeable = [head for head in heads if self._placeable(head)]
+            placeable = [head for head in heads if self._fits(head)]
             if not placeable:
                 return None
             return min(placeable, key=lambda head: self._policy.sort_key(head.request))
         skipped: list[tuple[tuple[float, ...], int, FlowKey]] = []
         found: Ticket | None = None
-        while self._heap:
-            entry = heapq.heappop(self._heap)
-            workload_id = entry[2][0]
-            if self._versions.get(workload_id) != entry[1]:
-                continue  # superseded
-            skipped.append(entry)  # live: it goes back whatever happens
-            found = self._best_placeable_head(workload_id)
-            if found is not None:
-                break
-        for entry in skipped:
-            heapq.heappush(self._heap, entry)
+        try:
+            while self._heap:
+                entry = heapq.heappop(self._heap)
+                workload_id = entry[2][0]
+                if self._versions.get(workload_id) != entry[1]:
+                    continue  # superseded
+                skipped.append(entry)  # live: it goes back whatever happens
+                found = self._best_placeable_head(workload_id)
+                if found is not None:
+                    break
+        finally:
+            for entry in skipped:
+                heapq.heappush(self._heap, entry)
         return found
 
     def _best_placeable_head(self, workload_id: str) -> Ticket | None:
@@ -636,10 +669,17 @@ class FlowController:
             next(iter(self._flows[(workload_id, criticality)].values()))
             for criticality in self._criticalities[workload_id]
         ]
-        placeable = [head for head in heads if self._placeable(head)]
+        placeable = [head for head in heads if self._fits(head)]
         if not placeable:
             return None
         return min(placeable, key=lambda head: self._policy.sort_key(head.request))
+
+    def _fits(self, head: Ticket) -> bool:
+        """`_placeable` for a queued head; raises _HeadFailed when the pool raised."""
+        try:
+            return self._placeable(head)
+        except Exception as error:
+            raise _HeadFailed(head, error) from error
 
     def _rekey(self, workload_id: str) -> None:
         """Re-enter this workload in the heap at the key of its best flow head."""
@@ -667,11 +707,15 @@ class FlowController:
         self._heap = [e for e in self._heap if self._versions.get(e[2][0]) == e[1]]
         heapq.heapify(self._heap)
 
+    def _leave(self, ticket: Ticket) -> None:
+        """Take a queued ticket out, unserved."""
+        self._remove(ticket)
+        self._quietly("policy.on_done", ticket, self._policy.on_done, ticket.request, None)
+        self._rekey(ticket.request.workload_id)
+
     def _evict(self, ticket: Ticket, outcome: Outcome) -> None:
         if ticket.outcome is None:
-            self._remove(ticket)
-            self._quietly("policy.on_done", ticket, self._policy.on_done, ticket.request, None)
-            self._rekey(ticket.request.workload_id)
+            self._leave(ticket)
             ticket._decide(outcome, self._clock.now())
             if self.pool is not None and self._accepting:
                 # The flow's next request may be allowed endpoints its old head was not.

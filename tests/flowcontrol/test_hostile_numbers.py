@@ -362,3 +362,55 @@ def test_a_gate_raising_at_first_byte_does_not_skip_the_pools_started_count() ->
     assert endpoint.server.started_in_flight == 1
     second.close()
     assert (flow.in_flight, endpoint.in_flight) == (0, 0)
+
+
+def test_a_read_raising_for_a_queued_head_refuses_that_head_not_the_completion() -> None:
+    """The dispatch walk's reads (has_room for a head's pick) were unguarded: the error
+    came out of the innocent request's close, and the head blocked every later one."""
+    clock = VirtualClock()
+    pool = make_pool(clock, [E1], max_in_flight=1)
+    has_room = pool.has_room
+
+    def hostile(pick: PickRequest | None) -> bool:
+        if pick is not None and pick.prompt == "boom":
+            raise Bomb("pool.has_room")
+        return has_room(pick)
+
+    pool.has_room = hostile  # type: ignore[method-assign]
+    flow = FlowController(FcfsPolicy(), clock, pool=pool)
+    innocent = flow.enqueue(FlowRequest("a", 3))
+    filler = flow.enqueue(FlowRequest("f", 3))
+    bad = flow.enqueue(FlowRequest("bad", 3, PickRequest("boom")))
+    good = flow.enqueue(FlowRequest("g", 3))
+    assert (innocent.outcome, bad.outcome, good.outcome) == (Outcome.DISPATCHED, None, None)
+    filler.close()  # the bad request is now the head
+    innocent.close()  # must not raise
+    assert bad.outcome is Outcome.REJECTED_INTERNAL
+    assert "pool.has_room" in bad.detail
+    assert good.outcome is Outcome.DISPATCHED
+    good.close()
+    assert (flow.in_flight, flow.queued) == (0, 0)
+    endpoint = pool.endpoint(E1)
+    assert endpoint is not None
+    assert endpoint.in_flight == 0
+
+
+def test_a_gate_read_raising_in_a_completion_is_logged_and_the_queue_still_served() -> None:
+    clock = VirtualClock()
+    gate = StaticCapacity(1)
+    flow = FlowController(FcfsPolicy(), clock, capacity=gate)
+    first = flow.enqueue(FlowRequest("a", 3))
+    waiting = flow.enqueue(FlowRequest("b", 3))
+    has_room = gate.has_room
+
+    def raising(in_flight: int) -> bool:
+        raise Bomb("capacity.has_room")
+
+    gate.has_room = raising  # type: ignore[method-assign]
+    first.close()  # must not raise
+    assert waiting.outcome is None
+    gate.has_room = has_room  # type: ignore[method-assign]
+    flow.wake()
+    assert waiting.outcome is Outcome.DISPATCHED
+    waiting.close()
+    assert (flow.in_flight, flow.queued) == (0, 0)
