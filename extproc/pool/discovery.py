@@ -51,6 +51,8 @@ class DnsDiscovery:
         self._resolver = resolver
         self._task: asyncio.Task[None] | None = None
         self._failing = False
+        self.synced = asyncio.Event()
+        """Set once a resolution was published."""
         self._log = structlog.get_logger("extproc.pool")
 
     async def start(self) -> None:
@@ -71,6 +73,7 @@ class DnsDiscovery:
             return
         self._failing = False
         self._pool.update(self._source, {format_address(h, self._port): True for h in hosts})
+        self.synced.set()
 
     async def _refresh_forever(self) -> None:
         while True:
