@@ -23,6 +23,7 @@ import grpc
 import pytest
 import yaml
 from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lightkube import AsyncClient, KubeConfig
 from lightkube.models.meta_v1 import ObjectMeta
@@ -40,6 +41,8 @@ from extproc.pool.kubernetes import (
 )
 from extproc.service.app import Service
 from tests.pool.support import make_pool
+from tests.support.extproc_client import immediate_headers, request_headers
+from tests.support.pool_endpoint import PoolEndpoint
 
 NAMESPACE, POOL = "models", "chat-pool"
 
@@ -98,6 +101,7 @@ class FakeApiServer:
         self.gate = asyncio.Event()
         """Pod lists wait for this."""
         self.gate.set()
+        self.target_port = 8000
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -114,7 +118,7 @@ class FakeApiServer:
             "apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
             "metadata": {"name": POOL, "namespace": NAMESPACE, "resourceVersion": "1"},
             "spec": {"selector": {"matchLabels": {"app": "vllm"}},
-                     "targetPorts": [{"number": 8000}],
+                     "targetPorts": [{"number": self.target_port}],
                      "endpointPickerRef": {"name": "workload-extproc", "port": {"number": 9002}}},
         })  # fmt: skip
 
@@ -538,3 +542,68 @@ async def test_pool_mode_is_ready_only_after_the_first_endpoint_sync(
         server.gate.set()
         await starting
         await service.stop(drain_timeout=0, grace=0)
+
+
+class PodsAndObjectives:
+    """One API server for both watches of a pool-mode service."""
+
+    def __init__(self, pods: FakeApiServer, objectives: ObjectiveApi) -> None:
+        self.pods, self.objectives = pods, objectives
+
+    def app(self) -> web.Application:
+        app = self.pods.app()
+        app.router.add_get(OBJECTIVES_PATH, self.objectives.handle)
+        return app
+
+
+async def test_a_negative_priority_objective_is_shed_while_saturated_through_the_service(
+    serve: Callable[[Any], Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objectives = ObjectiveApi()
+    await objectives.put("batch", -1)
+    await objectives.put("interactive", 10)
+    pods = FakeApiServer(lists=[pod_list("1", pod("a", "127.0.0.1", True, "1"))], watches=[])
+    model_server = PoolEndpoint("a")  # scraped, so the endpoint stays in
+    await model_server.start()
+    pods.target_port = model_server.port
+    url = await serve(PodsAndObjectives(pods, objectives))
+    config = tmp_path / "kubeconfig"
+    config.write_text(yaml.safe_dump(kubeconfig_file(url)))
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    settings = Settings(
+        listen="127.0.0.1:0",
+        admin_listen="127.0.0.1:0",
+        inference_pool=f"{NAMESPACE}/{POOL}",
+        max_concurrency=1,
+    )
+    service = Service(settings)
+    await service.start()
+    try:
+        assert service.flow.shed_below == 2  # negative priority is sheddable
+        await until(lambda: service.objectives is not None and bool(service.objectives.priorities))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+            stub = pb_grpc.ExternalProcessorStub(channel)
+
+            async def send(headers: dict[str, str | bytes]) -> Any:
+                stream = stub.Process()
+                await stream.write(request_headers(headers))
+                return stream, await stream.read()
+
+            objective = "x-gateway-inference-objective"
+            fairness = "x-gateway-inference-fairness-id"
+            running, first = await send({fairness: "tenant-a"})
+            assert first.WhichOneof("response") == "request_headers"  # the one slot
+            _, shed = await send({fairness: "tenant-b", objective: "batch"})
+            assert shed.immediate_response.status.code == 429
+            assert immediate_headers(shed)["x-workload-dropped-reason"] == "shed"
+            # An empty fairness id and an unknown objective: the default flow, queued.
+            held, answer = await send({fairness: "", objective: "no-such"})
+            assert answer.WhichOneof("response") != "immediate_response"
+            assert service.flow.queued_for("default") == 1
+            unknown = service.metrics.registry.get_sample_value("extproc_objective_unknown_total")
+            assert unknown == 1
+            running.cancel()
+            held.cancel()
+    finally:
+        await service.stop(drain_timeout=0, grace=0)
+        await model_server.stop()
