@@ -115,6 +115,7 @@ class CertificateFiles:
         self._cert, self._key, self._client_ca = cert, key, client_ca
         self._paths = tuple(p for p in (cert, key, client_ca) if p is not None)
         self._signature = _signature(self._paths)
+        self._refused: tuple[tuple[int, int, int], ...] | None = None
         self.initial = self._configuration()
         self.reloads = 0
         self._log = structlog.get_logger("extproc.tls")
@@ -129,13 +130,14 @@ class CertificateFiles:
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """grpc-core's question at every handshake: a new configuration, or None."""
         signature = _signature(self._paths)
-        if signature == self._signature:
+        if signature in (self._signature, self._refused):
             return None
         try:
             configuration = self._configuration()
         except CertificateError as error:
             # Mid-rotation (one file written, not the other) or broken: keep serving
-            # the pair in force and look again at the next handshake.
+            # the pair in force and look again once the files change again.
+            self._refused = signature
             self._log.warning("certificate not reloaded", error=str(error))
             return None
         self._signature = signature
