@@ -51,6 +51,13 @@ def kubeconfig(url: str) -> KubeConfig:
     return KubeConfig.from_dict(kubeconfig_file(url))
 
 
+def use_kubeconfig(url: str, directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the service's own client (KUBECONFIG) at the test's API server."""
+    config = directory / "kubeconfig"
+    config.write_text(yaml.safe_dump(kubeconfig_file(url)))
+    monkeypatch.setenv("KUBECONFIG", str(config))
+
+
 def kubeconfig_file(url: str) -> dict[str, Any]:
     """What KUBECONFIG would hold: the server and a bearer token."""
     return {
@@ -501,9 +508,7 @@ async def test_pool_mode_is_ready_only_after_the_first_endpoint_sync(
     )
     server.gate.clear()  # the Pod list is held until the test lets it through
     url = await serve(server)
-    config = tmp_path / "kubeconfig"
-    config.write_text(yaml.safe_dump(kubeconfig_file(url)))
-    monkeypatch.setenv("KUBECONFIG", str(config))
+    use_kubeconfig(url, tmp_path, monkeypatch)
     settings = Settings(
         listen="127.0.0.1:0",
         admin_listen="127.0.0.1:0",
@@ -567,9 +572,7 @@ async def test_a_negative_priority_objective_is_shed_while_saturated_through_the
     await model_server.start()
     pods.target_port = model_server.port
     url = await serve(PodsAndObjectives(pods, objectives))
-    config = tmp_path / "kubeconfig"
-    config.write_text(yaml.safe_dump(kubeconfig_file(url)))
-    monkeypatch.setenv("KUBECONFIG", str(config))
+    use_kubeconfig(url, tmp_path, monkeypatch)
     settings = Settings(
         listen="127.0.0.1:0",
         admin_listen="127.0.0.1:0",
