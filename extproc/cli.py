@@ -34,6 +34,7 @@ from extproc.config import (
 from extproc.flowcontrol.policies import POLICIES
 from extproc.log import configure_logging
 from extproc.service.app import run
+from extproc.service.tls import probe_credentials
 from extproc.tools import top
 from extproc.tools.demo_backend import Timing, make_demo_app
 from extproc.tools.simulate import Scenario, SimResult
@@ -51,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "config":
         return _config(args)
     if command == "health":
-        return _health(str(args["address"]), str(args["service"]), float(str(args["timeout"])))
+        return _health(args)
     if command == "top":
         return top.run(
             str(args["address"]),
@@ -88,7 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     health = commands.add_parser(
         "health", help="exit 0 if a running service reports SERVING (for container health checks)"
     )
-    health.add_argument("--address", default="127.0.0.1:9002")
+    health.add_argument(
+        "--address",
+        help="default: the service's --health-listen if set, else its --listen "
+        "(read from the environment and --config); TLS or plaintext as it answers",
+    )
+    health.add_argument("--config", type=Path, metavar="FILE", help="the service's settings")
     health.add_argument(
         "--service", default="readiness", help="liveness, readiness, or a gRPC service name"
     )
@@ -185,8 +191,26 @@ def _config(args: dict[str, object]) -> int:
     return 0
 
 
-def _health(address: str, service: str, timeout: float) -> int:
-    with grpc.insecure_channel(address) as channel:
+def _health(args: dict[str, object]) -> int:
+    address = args["address"] if args["address"] else _health_address(args)
+    if address is None:
+        return 2
+    service, timeout = str(args["service"]), float(str(args["timeout"]))
+    host, port = parse_address(str(address))
+    try:
+        dial = probe_credentials(host, port, timeout)
+    except OSError as error:
+        print(f"extproc: {address}: {error}", file=sys.stderr)
+        return 1
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if dial is None:
+        channel = grpc.insecure_channel(target)
+    else:
+        credentials, name = dial
+        channel = grpc.secure_channel(
+            target, credentials, (("grpc.ssl_target_name_override", name),)
+        )
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -197,6 +221,17 @@ def _health(address: str, service: str, timeout: float) -> int:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{address} {service or '(server)'}: {status}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _health_address(args: dict[str, object]) -> str | None:
+    """Where the service answers health checks, by its settings; a wildcard host dialled
+    on loopback."""
+    settings = _settings({"config": args["config"]})
+    if settings is None:
+        return None
+    host, port = parse_address(settings.health_listen or settings.listen)
+    wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+    return f"{wildcard.get(host, host)}:{port}"
 
 
 def _file_error(error: ValidationError, config: ConfigFile) -> str:

@@ -16,6 +16,12 @@ self-signed one made at start.
   verify its certificate (Envoy AI Gateway, kgateway, the Istio
   DestinationRule with `insecureSkipVerify`), so TLS there protects against
   eavesdropping, not impersonation; give a certificate to have both.
+
+`probe_credentials` is the other end, for `extproc health`: it tells a TLS
+listener from a plaintext one by a handshake, and trusts whatever certificate
+the listener presents (a probe asks whether the process answers, not who it
+is). A listener that requires client certificates cannot be probed this way:
+probe `--health-listen` instead.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,3 +170,37 @@ def server_credentials(
         pair = self_signed((socket.gethostname(),))
         return grpc.ssl_server_credentials([(pair.key, pair.cert)])
     return None
+
+
+def probe_credentials(
+    host: str, port: int, timeout: float
+) -> tuple[grpc.ChannelCredentials, str] | None:
+    """To dial this listener: credentials trusting the certificate it presents and the
+    name to expect in it; None when it does not speak TLS."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        try:
+            with context.wrap_socket(raw) as tls:
+                der = tls.getpeercert(binary_form=True)
+        except OSError:  # a plaintext HTTP/2 server drops a ClientHello
+            return None
+    if der is None:
+        return None
+    cert = x509.load_der_x509_certificate(der)
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    return grpc.ssl_channel_credentials(root_certificates=pem), _name_in(cert)
+
+
+def _name_in(cert: x509.Certificate) -> str:
+    """A name the certificate is valid for, for the client's hostname check."""
+    try:
+        alternative = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        alternative = x509.SubjectAlternativeName([])
+    names = [str(n) for n in alternative.get_values_for_type(x509.DNSName)]
+    names += [str(n) for n in alternative.get_values_for_type(x509.IPAddress)]
+    common = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    names += [str(attribute.value) for attribute in common]
+    return names[0] if names else "localhost"

@@ -3,6 +3,7 @@ certificate reloaded when its files change (no restart), plaintext when neither 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from extproc.cli import main
 from extproc.service.tls import CertificateError, CertificateFiles, load_pair
 from tests.conftest import StartService
 from tests.support.backend import Backend
@@ -171,3 +173,37 @@ async def test_envoy_dials_the_self_signed_listener_as_gateways_do(
     finally:
         await envoy.stop()
         await backend.stop()
+
+
+async def probe(*argv: str) -> int:
+    """`extproc health` as a container's health check runs it (its own thread: it blocks)."""
+    return await asyncio.to_thread(main, ["health", "--service", "liveness", *argv])
+
+
+async def test_the_health_command_probes_a_tls_listener(
+    start_service: StartService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    self_signed = await start_service(secure_serving=True)
+    assert await probe("--address", f"127.0.0.1:{self_signed.grpc_port}") == 0
+    authority = Authority(tmp_path, "ca")
+    pem = authority.issue("server", server=True)
+    given = await start_service(tls_cert=pem.cert, tls_key=pem.key)
+    assert await probe("--address", f"127.0.0.1:{given.grpc_port}") == 0
+    plaintext = await start_service()
+    assert await probe("--address", f"127.0.0.1:{plaintext.grpc_port}") == 0
+    # No --address: where the service listens, read from its settings (as in the image).
+    monkeypatch.setenv("EXTPROC_LISTEN", f"0.0.0.0:{self_signed.grpc_port}")
+    monkeypatch.setenv("EXTPROC_SECURE_SERVING", "true")
+    monkeypatch.setenv("EXTPROC_ADMIN_TOKEN", "a-token-the-image-is-given")
+    assert await probe() == 0
+    await self_signed.stop(drain_timeout=0, grace=0)
+    assert await probe() == 1
+
+
+async def test_the_health_command_prefers_the_plaintext_health_port(
+    start_service: StartService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = await start_service(secure_serving=True, health_listen="127.0.0.1:0")
+    monkeypatch.setenv("EXTPROC_LISTEN", "127.0.0.1:1")  # nothing there: not dialled
+    monkeypatch.setenv("EXTPROC_HEALTH_LISTEN", f"127.0.0.1:{service.health_port}")
+    assert await probe() == 0
