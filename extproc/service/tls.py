@@ -103,6 +103,16 @@ def load_pair(cert_path: Path, key_path: Path) -> KeyPair:
     return KeyPair(key_pem, cert_pem)
 
 
+def _load_authorities(path: Path) -> bytes:
+    """The PEM certificates in `path`, checked to parse (grpc-core would fail every handshake)."""
+    try:
+        pem = path.read_bytes()
+        x509.load_pem_x509_certificates(pem)
+    except (OSError, ValueError) as error:
+        raise CertificateError(f"{path}: {error}") from None
+    return pem
+
+
 def _signature(paths: tuple[Path, ...]) -> tuple[tuple[int, int, int], ...]:
     signature = []
     for path in paths:
@@ -154,7 +164,7 @@ class CertificateFiles:
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
         pair = load_pair(self._cert, self._key)
-        client_ca = self._client_ca.read_bytes() if self._client_ca else None
+        client_ca = _load_authorities(self._client_ca) if self._client_ca else None
         return grpc.ssl_server_certificate_configuration(
             [(pair.key, pair.cert)], root_certificates=client_ca
         )

@@ -207,3 +207,18 @@ async def test_the_health_command_prefers_the_plaintext_health_port(
     monkeypatch.setenv("EXTPROC_LISTEN", "127.0.0.1:1")  # nothing there: not dialled
     monkeypatch.setenv("EXTPROC_HEALTH_LISTEN", f"127.0.0.1:{service.health_port}")
     assert await probe() == 0
+
+
+def test_a_missing_or_broken_client_ca_is_not_handed_to_grpc(tmp_path: Path) -> None:
+    authority = Authority(tmp_path, "ca")
+    server, other = authority.issue("server", server=True), Authority(tmp_path, "other-ca")
+    client_ca = tmp_path / "client-ca.crt"
+    replace_file(client_ca, authority.pem.cert.read_bytes())
+    files = CertificateFiles(server.cert, server.key, client_ca)
+    client_ca.unlink()  # mid-rotation of a Secret: the CA not there yet
+    assert files.fetch() is None
+    replace_file(client_ca, b"not a certificate")
+    assert files.fetch() is None
+    replace_file(client_ca, other.pem.cert.read_bytes())
+    assert files.fetch() is not None
+    assert files.reloads == 1
