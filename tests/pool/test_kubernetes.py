@@ -610,3 +610,48 @@ async def test_a_negative_priority_objective_is_shed_while_saturated_through_the
     finally:
         await service.stop(drain_timeout=0, grace=0)
         await model_server.stop()
+
+
+async def test_a_pool_listed_after_the_start_gave_up_waiting_turns_readiness_on(
+    serve: Callable[[Any], Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API server slower than the start's bounded wait: the service serves, not ready,
+    and turns ready by itself when the list arrives (no restart, no other event)."""
+
+    class QuickStart(InferencePoolWatch):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs, sync_timeout=0.05)
+
+    monkeypatch.setattr("extproc.service.app.InferencePoolWatch", QuickStart)
+    server = FakeApiServer(
+        lists=[pod_list("100", pod("a", "127.0.0.1", True, "90"))], watches=[[HOLD]]
+    )
+    server.gate.clear()
+    url = await serve(server)
+    use_kubeconfig(url, tmp_path, monkeypatch)
+    settings = Settings(
+        listen="127.0.0.1:0", admin_listen="127.0.0.1:0", inference_pool=f"{NAMESPACE}/{POOL}"
+    )
+    service = Service(settings)
+    await service.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def status(name: str) -> int:
+                request = health_pb2.HealthCheckRequest(service=name)
+                return (await health.Check(request, timeout=10)).status  # type: ignore[no-any-return]
+
+            assert (await status("liveness"), await status("readiness")) == (SERVING, NOT_SERVING)
+            server.gate.set()
+            deadline = time.monotonic() + 20
+            while await status("readiness") != SERVING:
+                assert time.monotonic() < deadline, "readiness never turned SERVING"
+                await asyncio.sleep(0.01)
+            async with aiohttp.ClientSession() as http:
+                readyz = f"http://127.0.0.1:{service.admin_port}/readyz"
+                async with http.get(readyz) as reply:
+                    assert reply.status == 200
+    finally:
+        server.gate.set()
+        await service.stop(drain_timeout=0, grace=0)
