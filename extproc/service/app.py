@@ -244,7 +244,7 @@ class Service:
             queue_timeout=self.settings.queue_timeout,
             workloads=str(self.settings.workloads) if self.settings.workloads else None,
             workload_header=self.settings.workload_header,
-            shed_below=self.settings.shed_below,
+            shed_below=self.flow.shed_below,
         )
 
     async def stop(self, drain_timeout: float | None = None, grace: float | None = None) -> None:

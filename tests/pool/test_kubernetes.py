@@ -27,6 +27,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lightkube import AsyncClient, KubeConfig
 from lightkube.models.meta_v1 import ObjectMeta
+from structlog.testing import capture_logs
 
 from extproc.clock import VirtualClock
 from extproc.config import Settings
@@ -633,8 +634,12 @@ async def test_a_pool_listed_after_the_start_gave_up_waiting_turns_readiness_on(
         listen="127.0.0.1:0", admin_listen="127.0.0.1:0", inference_pool=f"{NAMESPACE}/{POOL}"
     )
     service = Service(settings)
-    await service.start()
+    with capture_logs() as logs:
+        await service.start()
     try:
+        # The log states the shed threshold in force: sheddable objectives make it 2.
+        (serving,) = [event for event in logs if event["event"] == "serving"]
+        assert serving["shed_below"] == service.flow.shed_below == 2
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
 
