@@ -19,12 +19,12 @@ Algorithm
   never empties the pool.
 
 The InferenceObjectives of the pool (inference.networking.x-k8s.io/v1alpha2,
-in the pool's namespace, `spec.poolRef` naming the pool) are read the same
-way, with the same loop: list, publish the table (name -> spec.priority),
-watch, publish it again after every event; on 410 or any failure, list again
-(so a lost, cut or delayed watch ends with a table equal to the API's state,
-and a duplicated event changes nothing: each event sets or removes one
-object). Until the first list, and while the API server is unreachable, the
+in the pool's namespace, `spec.poolRef` naming the pool, not being deleted)
+are read the same way, with the same loop: list, publish the table (name ->
+spec.priority), watch, publish it again after every event; on 410 or any
+failure, list again (so a lost, cut or delayed watch ends with a table equal
+to the API's state, and a duplicated event changes nothing: each event sets or
+removes one object). Until the first list, and while the API server is unreachable, the
 last table stays in force.
 
 Client: lightkube (async, typed models, generic resources for CRDs, a small
@@ -89,10 +89,16 @@ def _name(obj: Any) -> str:
 
 
 def objective_priority(objective: Any, pool_name: str) -> tuple[bool, int | None]:
-    """(whether this InferenceObjective belongs to pool `pool_name`, its priority)."""
+    """(whether this InferenceObjective counts for pool `pool_name`, its priority). One
+    being deleted no longer counts, as for upstream's picker."""
     spec = getattr(objective, "spec", None) or {}
     ref = spec.get("poolRef") or {}
-    mine = ref.get("name") == pool_name and (ref.get("group") or POOL_GROUP) == POOL_GROUP
+    deleting = objective.metadata is not None and objective.metadata.deletionTimestamp is not None
+    mine = (
+        not deleting
+        and ref.get("name") == pool_name
+        and (ref.get("group") or POOL_GROUP) == POOL_GROUP
+    )
     priority = spec.get("priority")
     if isinstance(priority, bool) or not isinstance(priority, int):
         priority = None

@@ -11,6 +11,7 @@ API server is unreachable.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import socket
 import time
@@ -499,6 +500,12 @@ def test_objective_priority_reads_the_spec_defensively() -> None:
     )
     assert objective_priority(objective({"priority": 1}), POOL) == (False, 1)
     assert objective_priority(objective({}), POOL) == (False, None)
+    # Being deleted (a finalizer holds it): gone already, as upstream's reconciler has it.
+    deleting = InferenceObjective(
+        metadata=ObjectMeta(name="o", deletionTimestamp=datetime.datetime.now(datetime.UTC)),
+        spec={"poolRef": {"name": POOL}, "priority": 4},
+    )
+    assert objective_priority(deleting, POOL) == (False, 4)
 
 
 async def test_pool_mode_is_ready_only_after_the_first_endpoint_sync(
