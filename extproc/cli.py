@@ -24,6 +24,7 @@ from rich.table import Table
 from extproc import __version__
 from extproc.addresses import parse_address
 from extproc.config import (
+    ENV_PREFIX,
     ConfigFile,
     ConfigFileError,
     Settings,
@@ -196,20 +197,11 @@ def _health(args: dict[str, object]) -> int:
     if address is None:
         return 2
     service, timeout = str(args["service"]), float(str(args["timeout"]))
-    host, port = parse_address(str(address))
     try:
-        dial = probe_credentials(host, port, timeout)
-    except OSError as error:
+        channel = _probe_channel(str(address), timeout)
+    except (OSError, ValueError) as error:
         print(f"extproc: {address}: {error}", file=sys.stderr)
         return 1
-    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if dial is None:
-        channel = grpc.insecure_channel(target)
-    else:
-        credentials, name = dial
-        channel = grpc.secure_channel(
-            target, credentials, (("grpc.ssl_target_name_override", name),)
-        )
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -223,13 +215,38 @@ def _health(args: dict[str, object]) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def _probe_channel(address: str, timeout: float) -> grpc.Channel:
+    """A channel to `address`: TLS trusting the certificate it presents, or plaintext."""
+    host, port = parse_address(address)
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    dial = probe_credentials(host, port, timeout)
+    if dial is None:
+        return grpc.insecure_channel(target)
+    credentials, name = dial
+    return grpc.secure_channel(target, credentials, (("grpc.ssl_target_name_override", name),))
+
+
 def _health_address(args: dict[str, object]) -> str | None:
-    """Where the service answers health checks, by its settings; a wildcard host dialled
-    on loopback."""
-    settings = _settings({"config": args["config"]})
-    if settings is None:
+    """The service's --health-listen if set, else its --listen, as the environment (first)
+    and --config set them; a wildcard host dialled on loopback. Only these two are read:
+    a container's health check does not see the flags the service was started with."""
+    path = args["config"]
+    try:
+        values = ConfigFile.read(path).values if isinstance(path, Path) else {}
+    except ConfigFileError as error:
+        print(f"extproc: {error}", file=sys.stderr)
         return None
-    host, port = parse_address(settings.health_listen or settings.listen)
+
+    def setting(name: str) -> object:
+        from_env = os.environ.get(ENV_PREFIX + name.upper())
+        return from_env or values.get(name) or Settings.model_fields[name].default
+
+    address = str(setting("health_listen") or setting("listen"))
+    try:
+        host, port = parse_address(address)
+    except ValueError as error:
+        print(f"extproc: {error}", file=sys.stderr)
+        return None
     wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
     return f"{wildcard.get(host, host)}:{port}"
 

@@ -194,10 +194,17 @@ async def test_the_health_command_probes_a_tls_listener(
     # No --address: where the service listens, read from its settings (as in the image).
     monkeypatch.setenv("EXTPROC_LISTEN", f"0.0.0.0:{self_signed.grpc_port}")
     monkeypatch.setenv("EXTPROC_SECURE_SERVING", "true")
-    monkeypatch.setenv("EXTPROC_ADMIN_TOKEN", "a-token-the-image-is-given")
+    # Only the addresses are read: the image's HEALTHCHECK does not see the flags the
+    # service was started with (an --admin-token among them), and needs none of them.
+    monkeypatch.delenv("EXTPROC_ADMIN_TOKEN", raising=False)
     assert await probe() == 0
+    config = tmp_path / "config.yaml"
+    config.write_text(f"listen: 0.0.0.0:{given.grpc_port}\nmax-queue: 5\n")
+    monkeypatch.delenv("EXTPROC_LISTEN")
+    assert await probe("--config", str(config)) == 0
+    monkeypatch.setenv("EXTPROC_LISTEN", f"0.0.0.0:{self_signed.grpc_port}")  # env over file
     await self_signed.stop(drain_timeout=0, grace=0)
-    assert await probe() == 1
+    assert await probe("--config", str(config)) == 1
 
 
 async def test_the_health_command_prefers_the_plaintext_health_port(
