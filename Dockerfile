@@ -20,6 +20,7 @@ ENV EXTPROC_LISTEN=0.0.0.0:9002 \
     EXTPROC_ADMIN_LISTEN=0.0.0.0:9003 \
     PYTHONUNBUFFERED=1
 EXPOSE 9002 9003
+# `extproc health` dials the port the EXTPROC_* settings name (TLS or plaintext as it answers).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s \
   CMD ["extproc", "health", "--service", "liveness"]
 ENTRYPOINT ["extproc"]

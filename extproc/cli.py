@@ -24,6 +24,7 @@ from rich.table import Table
 from extproc import __version__
 from extproc.addresses import parse_address
 from extproc.config import (
+    ENV_PREFIX,
     ConfigFile,
     ConfigFileError,
     Settings,
@@ -34,6 +35,7 @@ from extproc.config import (
 from extproc.flowcontrol.policies import POLICIES
 from extproc.log import configure_logging
 from extproc.service.app import run
+from extproc.service.tls import probe_credentials
 from extproc.tools import top
 from extproc.tools.demo_backend import Timing, make_demo_app
 from extproc.tools.simulate import Scenario, SimResult
@@ -51,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "config":
         return _config(args)
     if command == "health":
-        return _health(str(args["address"]), str(args["service"]), float(str(args["timeout"])))
+        return _health(args)
     if command == "top":
         return top.run(
             str(args["address"]),
@@ -88,7 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     health = commands.add_parser(
         "health", help="exit 0 if a running service reports SERVING (for container health checks)"
     )
-    health.add_argument("--address", default="127.0.0.1:9002")
+    health.add_argument(
+        "--address",
+        help="default: the service's --health-listen if set, else its --listen "
+        "(read from the environment and --config); TLS or plaintext as it answers",
+    )
+    health.add_argument("--config", type=Path, metavar="FILE", help="the service's settings")
     health.add_argument(
         "--service", default="readiness", help="liveness, readiness, or a gRPC service name"
     )
@@ -185,8 +192,17 @@ def _config(args: dict[str, object]) -> int:
     return 0
 
 
-def _health(address: str, service: str, timeout: float) -> int:
-    with grpc.insecure_channel(address) as channel:
+def _health(args: dict[str, object]) -> int:
+    address = args["address"] if args["address"] else _health_address(args)
+    if address is None:
+        return 2
+    service, timeout = str(args["service"]), float(str(args["timeout"]))
+    try:
+        channel = _probe_channel(str(address), timeout)
+    except (OSError, ValueError) as error:
+        print(f"extproc: {address}: {error}", file=sys.stderr)
+        return 1
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -197,6 +213,42 @@ def _health(address: str, service: str, timeout: float) -> int:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{address} {service or '(server)'}: {status}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _probe_channel(address: str, timeout: float) -> grpc.Channel:
+    """A channel to `address`: TLS trusting the certificate it presents, or plaintext."""
+    host, port = parse_address(address)
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    dial = probe_credentials(host, port, timeout)
+    if dial is None:
+        return grpc.insecure_channel(target)
+    credentials, name = dial
+    return grpc.secure_channel(target, credentials, (("grpc.ssl_target_name_override", name),))
+
+
+def _health_address(args: dict[str, object]) -> str | None:
+    """The service's --health-listen if set, else its --listen, as the environment (first)
+    and --config set them; a wildcard host dialled on loopback. Only these two are read:
+    a container's health check does not see the flags the service was started with."""
+    path = args["config"]
+    try:
+        values = ConfigFile.read(path).values if isinstance(path, Path) else {}
+    except ConfigFileError as error:
+        print(f"extproc: {error}", file=sys.stderr)
+        return None
+
+    def setting(name: str) -> object:
+        from_env = os.environ.get(ENV_PREFIX + name.upper())
+        return from_env or values.get(name) or Settings.model_fields[name].default
+
+    address = str(setting("health_listen") or setting("listen"))
+    try:
+        host, port = parse_address(address)
+    except ValueError as error:
+        print(f"extproc: {error}", file=sys.stderr)
+        return None
+    wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+    return f"{wildcard.get(host, host)}:{port}"
 
 
 def _file_error(error: ValidationError, config: ConfigFile) -> str:

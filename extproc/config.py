@@ -288,13 +288,24 @@ class Settings(BaseSettings):
     tls_client_ca: Path | None = Field(
         None, description="gRPC listener: require client certificates signed by this CA (mTLS)"
     )
+    secure_serving: bool = Field(
+        False,
+        description="gRPC listener: serve TLS with a self-signed certificate made at start "
+        "when no --tls-cert is given (gateways that route InferencePools dial TLS)",
+    )
+    health_listen: str | None = Field(
+        None,
+        description="also serve the gRPC health services (liveness, readiness) in plaintext "
+        "here, for Kubernetes grpc probes, which cannot dial TLS",
+    )
     log_format: Literal["json", "console"] = Field("json", description="json or console")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("listen", "admin_listen")
+    @field_validator("listen", "admin_listen", "health_listen")
     @classmethod
-    def _address(cls, value: str) -> str:
-        parse_address(value)
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_address(value)
         return value
 
     @field_validator("backend_metrics_url", mode="before")

@@ -4,8 +4,17 @@ Order of precedence:
 1. `x-workload-context: {"workload_id": "...", "criticality": 1..5}`
    (criticality defaults to 3; unknown fields are ignored);
 2. `x-gateway-inference-fairness-id: <id>` (the Gateway API Inference
-   Extension's header), criticality 3;
+   Extension's header), criticality 3. Read as upstream's endpoint picker
+   reads it: an empty value, or the header sent more than once, is the
+   default flow (the default workload; upstream calls it `default-flow`, the
+   name used here when `--on-missing-context reject` leaves no default),
+   never a 400;
 3. neither: the configured default workload, or an error when none is set.
+
+With an objective table (`--inference-pool`), a request that claims no
+criticality in `x-workload-context` takes the one its
+`x-gateway-inference-objective` names (see `objectives.py`); it counts as a
+claim, so the workloads table's `max_criticality` still bounds it.
 
 With an identity header (`--workload-header NAME`, set by the gateway after
 authentication) the id comes from that header alone, and `x-workload-context`
@@ -14,8 +23,12 @@ header, are ignored): the client can no longer choose whose share it uses.
 
 Reserved ids: `overflow` (the registry's shared workload), `other` (the
 metrics' aggregate of the less busy workloads) and the default workload's
-name are internal. A request naming one is refused (400), so it cannot merge
-into their counts or series.
+name are internal. A request naming one in `x-workload-context` or the
+identity header is refused (400), so it cannot merge into their counts or
+series. A fairness id is not refused (upstream accepts any id) but escaped:
+a reserved id, or one starting with `~`, gets a `~` in front (`overflow` ->
+`~overflow`, `~x` -> `~~x`). The escape is one-to-one, so two fairness ids
+never share a workload and none lands on an internal one.
 
 Anything malformed raises `ContextError`, which the server answers with a 400.
 A bad header is never turned into a fresh workload: that would let every
@@ -28,6 +41,8 @@ import json
 import unicodedata
 from dataclasses import dataclass, field
 
+from extproc.objectives import OBJECTIVE_HEADER, ObjectiveTable
+
 WORKLOAD_CONTEXT_HEADER = "x-workload-context"
 FAIRNESS_ID_HEADER = "x-gateway-inference-fairness-id"
 MAX_HEADER_BYTES = 1024
@@ -37,6 +52,8 @@ MAX_CRITICALITY = 5
 DEFAULT_CRITICALITY = 3
 OVERFLOW_WORKLOAD = "overflow"
 OTHER_WORKLOADS = "other"
+DEFAULT_FLOW = "default-flow"
+RESERVED_ESCAPE = "~"
 
 # C0/C1 controls, format characters (bidi overrides, zero-width), line and
 # paragraph separators, lone surrogates: anything that could forge or hide a
@@ -63,22 +80,41 @@ class ContextError(ValueError):
 
 class ContextParser:
     def __init__(
-        self, default_workload: str | None = "default", identity_header: str | None = None
+        self,
+        default_workload: str | None = "default",
+        identity_header: str | None = None,
+        objectives: ObjectiveTable | None = None,
     ) -> None:
         if default_workload is not None:
             check_id("--default-workload", "default workload", default_workload)
         self._default = default_workload
+        self._default_flow = default_workload or DEFAULT_FLOW
         self.identity_header = identity_header.lower() if identity_header else None
-        self._reserved = frozenset({OVERFLOW_WORKLOAD, OTHER_WORKLOADS, default_workload or ""})
+        self._reserved = frozenset({OVERFLOW_WORKLOAD, OTHER_WORKLOADS, self._default_flow})
+        self._objectives = objectives
 
     @property
     def headers(self) -> frozenset[str]:
         """The headers `parse` reads."""
         read = {WORKLOAD_CONTEXT_HEADER, FAIRNESS_ID_HEADER}
-        return frozenset(read if self.identity_header is None else read | {self.identity_header})
+        if self.identity_header is not None:
+            read.add(self.identity_header)
+        if self._objectives is not None:
+            read.add(OBJECTIVE_HEADER)
+        return frozenset(read)
 
     def parse(self, headers: dict[str, list[bytes]]) -> WorkloadContext:
         """Headers by lower-case name, each with every value it was sent with."""
+        context = self._parse(headers)
+        if self._objectives is None or context.claimed:
+            return context
+        name = _objective_name(headers)
+        criticality = None if name is None else self._objectives.criticality(name)
+        if criticality is None:
+            return context
+        return WorkloadContext(context.workload_id, criticality, claimed=True)
+
+    def _parse(self, headers: dict[str, list[bytes]]) -> WorkloadContext:
         if self.identity_header is not None:
             return self._parse_identified(headers, self.identity_header)
         context = headers.get(WORKLOAD_CONTEXT_HEADER)
@@ -90,9 +126,7 @@ class ContextParser:
             return self._context(WORKLOAD_CONTEXT_HEADER, "workload_id", workload_id, value)
         fairness = headers.get(FAIRNESS_ID_HEADER)
         if fairness is not None:
-            raw = _single(FAIRNESS_ID_HEADER, fairness)
-            workload_id = _decode(FAIRNESS_ID_HEADER, raw)
-            return self._context(FAIRNESS_ID_HEADER, "workload id", workload_id, {})
+            return self._fairness(fairness)
         return self._missing(f"send {WORKLOAD_CONTEXT_HEADER} or {FAIRNESS_ID_HEADER}")
 
     def _parse_identified(self, headers: dict[str, list[bytes]], header: str) -> WorkloadContext:
@@ -107,6 +141,15 @@ class ContextParser:
         workload_id = _decode(header, _single(header, identity))
         return self._context(header, "workload id", workload_id, claims)
 
+    def _fairness(self, values: list[bytes]) -> WorkloadContext:
+        if len(values) != 1 or not values[0]:
+            return WorkloadContext(self._default_flow)
+        header = FAIRNESS_ID_HEADER
+        workload_id = check_id(header, "workload id", _decode(header, _single(header, values)))
+        if workload_id in self._reserved or workload_id.startswith(RESERVED_ESCAPE):
+            workload_id = RESERVED_ESCAPE + workload_id
+        return WorkloadContext(workload_id)
+
     def _context(
         self, header: str, what: str, workload_id: str, claims: dict[str, object]
     ) -> WorkloadContext:
@@ -119,6 +162,17 @@ class ContextParser:
         if self._default is None:
             raise ContextError(self.identity_header or WORKLOAD_CONTEXT_HEADER, f"missing: {hint}")
         return WorkloadContext(self._default)
+
+
+def _objective_name(headers: dict[str, list[bytes]]) -> str | None:
+    """The objective named, or None when absent, repeated, empty or not UTF-8."""
+    values = headers.get(OBJECTIVE_HEADER)
+    if values is None or len(values) != 1 or not values[0]:
+        return None
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def _single(header: str, values: list[bytes]) -> bytes:

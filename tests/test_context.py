@@ -7,6 +7,7 @@ from extproc.context import (
     ContextParser,
     WorkloadContext,
 )
+from extproc.objectives import OBJECTIVE_HEADER, ObjectiveTable
 
 CTX = WORKLOAD_CONTEXT_HEADER
 
@@ -62,7 +63,6 @@ def test_valid_headers(headers: dict[str, list[bytes]], expected: WorkloadContex
         ({CTX: [b"[" * 1000 + b"]" * 1000]}, "longer than 1024 bytes"),
         ({CTX: [b"[" * 500 + b"]" * 500]}, "must be a JSON object"),
         ({CTX: [b'{"workload_id": "a"}', b'{"workload_id": "b"}']}, "sent 2 times"),
-        ({FAIRNESS_ID_HEADER: [b""]}, "must not be empty"),
         ({FAIRNESS_ID_HEADER: [b"a\tb"]}, "control characters"),
         ({FAIRNESS_ID_HEADER: [b"y" * 129]}, "longer than 128 bytes"),
     ],
@@ -76,8 +76,37 @@ def test_invalid_headers_name_the_problem(headers: dict[str, list[bytes]], probl
 
 def test_fairness_header_errors_name_that_header() -> None:
     with pytest.raises(ContextError) as caught:
-        parse({FAIRNESS_ID_HEADER: [b""]})
+        parse({FAIRNESS_ID_HEADER: [b"a\x00b"]})
     assert caught.value.header == FAIRNESS_ID_HEADER
+
+
+@pytest.mark.parametrize("values", [[b""], [b"tenant-a", b"tenant-b"], [b"a", b"a"], [b"", b""]])
+@pytest.mark.parametrize(("default", "flow"), [("default", "default"), (None, "default-flow")])
+def test_an_empty_or_repeated_fairness_id_is_the_default_flow(
+    values: list[bytes], default: str | None, flow: str
+) -> None:
+    assert parse({FAIRNESS_ID_HEADER: values}, default) == WorkloadContext(flow, 3)
+
+
+@pytest.mark.parametrize(
+    ("sent", "workload"),
+    [
+        ("overflow", "~overflow"),
+        ("other", "~other"),
+        ("default", "~default"),
+        ("~overflow", "~~overflow"),
+        ("~", "~~"),
+        ("tenant~1", "tenant~1"),
+        ("default-flow", "default-flow"),
+    ],
+)
+def test_a_reserved_fairness_id_is_escaped_one_to_one(sent: str, workload: str) -> None:
+    assert parse({FAIRNESS_ID_HEADER: [sent.encode()]}) == WorkloadContext(workload, 3)
+
+
+def test_default_flow_is_reserved_when_it_is_the_default() -> None:
+    escaped = parse({FAIRNESS_ID_HEADER: [b"default-flow"]}, default=None)
+    assert escaped == WorkloadContext("~default-flow", 3)
 
 
 def test_missing_headers_rejected_when_no_default() -> None:
@@ -91,12 +120,50 @@ def test_invalid_default_workload_refused() -> None:
 
 
 @pytest.mark.parametrize("reserved", ["overflow", "other", "default"])
-@pytest.mark.parametrize("header", [CTX, FAIRNESS_ID_HEADER])
-def test_reserved_ids_are_refused(reserved: str, header: str) -> None:
-    value = f'{{"workload_id": "{reserved}"}}' if header == CTX else reserved
+def test_reserved_ids_are_refused(reserved: str) -> None:
     with pytest.raises(ContextError, match="is reserved") as error:
-        parse({header: [value.encode()]})
-    assert error.value.header == header
+        parse({CTX: [f'{{"workload_id": "{reserved}"}}'.encode()]})
+    assert error.value.header == CTX
+
+
+def objective_parser(unknown: list[str]) -> ContextParser:
+    table = ObjectiveTable(on_unknown=lambda: unknown.append("x"))
+    table.replace({"batch": -1, "standard": None, "zero": 0, "chat": 5, "critical": 10})
+    return ContextParser(objectives=table)
+
+
+@pytest.mark.parametrize(
+    ("objective", "criticality"),
+    [(b"batch", 1), (b"standard", 3), (b"zero", 3), (b"chat", 4), (b"critical", 5)],
+)
+def test_the_objective_named_decides_the_criticality(objective: bytes, criticality: int) -> None:
+    unknown: list[str] = []
+    parser = objective_parser(unknown)
+    assert OBJECTIVE_HEADER in parser.headers
+    for headers in (
+        {FAIRNESS_ID_HEADER: [b"t"], OBJECTIVE_HEADER: [objective]},
+        {CTX: [b'{"workload_id": "t"}'], OBJECTIVE_HEADER: [objective]},
+    ):
+        context = parser.parse(headers)
+        assert (context.workload_id, context.criticality) == ("t", criticality)
+        assert context.claimed
+    assert unknown == []
+
+
+def test_a_claimed_criticality_wins_and_an_unknown_objective_is_default_and_counted() -> None:
+    unknown: list[str] = []
+    parser = objective_parser(unknown)
+    claimed = {CTX: [b'{"workload_id": "t", "criticality": 2}'], OBJECTIVE_HEADER: [b"critical"]}
+    assert parser.parse(claimed) == WorkloadContext("t", 2)
+    assert parser.parse({OBJECTIVE_HEADER: [b"no-such"]}) == WorkloadContext("default", 3)
+    assert not parser.parse({OBJECTIVE_HEADER: [b"no-such"]}).claimed
+    assert len(unknown) == 2
+    for odd in ([b""], [b"chat", b"batch"], [b"\xff"]):  # no objective named: not counted
+        assert parser.parse({OBJECTIVE_HEADER: odd}) == WorkloadContext("default", 3)
+    assert len(unknown) == 2
+    # Without a table (no --inference-pool) the header is not read.
+    assert OBJECTIVE_HEADER not in ContextParser().headers
+    assert ContextParser().parse({OBJECTIVE_HEADER: [b"batch"]}) == WorkloadContext("default", 3)
 
 
 def test_a_renamed_default_workload_is_reserved_and_default_is_free() -> None:

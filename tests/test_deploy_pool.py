@@ -68,6 +68,19 @@ def test_gateway_attachments_route_to_the_pool(name: str) -> None:
     assert backend["name"] == inference_pool()["metadata"]["name"]
 
 
+def test_the_pool_role_reads_what_the_watches_read() -> None:
+    (role,) = [d for d in documents(POOL_DIR / "inferencepool.yaml") if d["kind"] == "Role"]
+    granted = {
+        (g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+    }
+    assert granted >= {
+        ("inference.networking.k8s.io", "inferencepools"),
+        ("", "pods"),
+        ("inference.networking.x-k8s.io", "inferenceobjectives"),
+    }
+    assert all(set(rule["verbs"]) == {"get", "list", "watch"} for rule in role["rules"])
+
+
 def test_core_kinds_in_the_pool_manifests_validate() -> None:
     for path in sorted(POOL_DIR.glob("*.yaml")):
         for document in documents(path):

@@ -125,12 +125,15 @@ def test_deployment_probes_security_and_grace() -> None:
     (deployment,) = documents(DEPLOY / "kubernetes" / "deployment.yaml")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["readinessProbe"]["grpc"] == {"port": 9002, "service": "readiness"}
-    assert container["livenessProbe"]["grpc"] == {"port": 9002, "service": "liveness"}
+    config = shipped_config()
+    # Probed on the plaintext health port: kubelet's grpc probes cannot dial TLS.
+    health_port = int(config["health-listen"].rsplit(":", 1)[1])
+    assert container["readinessProbe"]["grpc"] == {"port": health_port, "service": "readiness"}
+    assert container["livenessProbe"]["grpc"] == {"port": health_port, "service": "liveness"}
+    assert health_port in {p["containerPort"] for p in container["ports"]}
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["resources"]["requests"]
-    config = shipped_config()
     assert pod["terminationGracePeriodSeconds"] > config["drain-timeout"] + config["shutdown-grace"]
     token = container["env"][0]
     assert token["name"] == "EXTPROC_ADMIN_TOKEN"  # required off loopback
@@ -143,12 +146,18 @@ def test_shipped_config_is_valid(tmp_path: Path) -> None:
 
 
 def test_envoy_gateway_policy_has_what_the_service_needs() -> None:
-    policy, route = documents(DEPLOY / "envoy-gateway" / "envoy-extension-policy.yaml")
+    backend, policy, route = documents(DEPLOY / "envoy-gateway" / "envoy-extension-policy.yaml")
     assert policy["kind"] == "EnvoyExtensionPolicy"
     (ext_proc,) = policy["spec"]["extProc"]
-    (backend,) = ext_proc["backendRefs"]
+    (ref,) = ext_proc["backendRefs"]
     (service,) = documents(DEPLOY / "kubernetes" / "service.yaml")
-    assert backend == {"name": service["metadata"]["name"], "port": 9002}
+    name = service["metadata"]["name"]
+    assert ref == {"group": "gateway.envoyproxy.io", "kind": "Backend", "name": name, "port": 9002}
+    # The Backend is the Service, dialled with TLS (the service's self-signed certificate).
+    assert (backend["kind"], backend["metadata"]["name"]) == ("Backend", name)
+    (endpoint,) = backend["spec"]["endpoints"]
+    assert endpoint["fqdn"] == {"hostname": f"{name}.{name}.svc.cluster.local", "port": 9002}
+    assert backend["spec"]["tls"] == {"insecureSkipVerify": True}
     assert ext_proc["failOpen"] is False
     assert "request" in ext_proc["processingMode"]  # request headers: tracking point "new"
     assert ext_proc["processingMode"]["response"]["body"] == "Streamed"  # sees the last chunk
@@ -177,3 +186,27 @@ def test_istio_filter_is_a_valid_envoy_config_with_the_needed_modes() -> None:
     assert config.grpc_service.envoy_grpc.cluster_name == f"outbound|9002||{host}"
     pool = destination_rule["spec"]["trafficPolicy"]["connectionPool"]
     assert pool["http"]["http2MaxRequests"] >= shipped_config()["max-queue"]
+
+
+def test_every_manifest_serves_tls_to_its_gateway() -> None:
+    config = shipped_config()
+    assert config["secure-serving"] is True
+    assert "tls-cert" not in config  # self-signed unless the operator mounts one
+    destination_rules = [
+        d
+        for path in (
+            DEPLOY / "istio" / "envoy-filter.yaml",
+            DEPLOY / "inference-pool" / "istio.yaml",
+        )
+        for d in documents(path)
+        if d["kind"] == "DestinationRule"
+    ]
+    assert len(destination_rules) == 2
+    for rule in destination_rules:
+        assert rule["spec"]["trafficPolicy"]["tls"] == {
+            "mode": "SIMPLE",
+            "insecureSkipVerify": True,
+        }
+    (service,) = documents(DEPLOY / "kubernetes" / "service.yaml")
+    grpc_port = next(p for p in service["spec"]["ports"] if p["port"] == 9002)
+    assert grpc_port["appProtocol"] != "kubernetes.io/h2c"  # not cleartext any more

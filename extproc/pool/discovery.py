@@ -56,6 +56,8 @@ class DnsDiscovery:
         self._resolver = resolver
         self._task: asyncio.Task[None] | None = None
         self._failing = False
+        self.synced = asyncio.Event()
+        """Set once a resolution was published."""
         self._log = structlog.get_logger("extproc.pool")
 
     async def start(self) -> None:
@@ -79,6 +81,7 @@ class DnsDiscovery:
             return
         self._failing = False
         self._pool.update(self._source, {format_address(h, self._port): True for h in hosts})
+        self.synced.set()
 
     def _failed(self, error: Exception) -> None:
         if not self._failing:

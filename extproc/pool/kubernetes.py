@@ -18,6 +18,15 @@ Algorithm
   Meanwhile the last set published stays in force: an unreachable API server
   never empties the pool.
 
+The InferenceObjectives of the pool (inference.networking.x-k8s.io/v1alpha2,
+in the pool's namespace, `spec.poolRef` naming the pool, not being deleted)
+are read the same way, with the same loop: list, publish the table (name ->
+spec.priority), watch, publish it again after every event; on 410 or any
+failure, list again (so a lost, cut or delayed watch ends with a table equal
+to the API's state, and a duplicated event changes nothing: each event sets or
+removes one object). Until the first list, and while the API server is unreachable, the
+last table stays in force.
+
 Client: lightkube (async, typed models, generic resources for CRDs, a small
 dependency tree on httpx). Selector changes of the InferencePool take effect
 at the next re-list.
@@ -38,12 +47,15 @@ from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.core_v1 import Pod
 
+from extproc.objectives import ObjectiveTable
 from extproc.pool.discovery import format_address
 from extproc.pool.pool import EndpointPool
 from extproc.tasks import cancel_and_wait
 
-InferencePool = create_namespaced_resource(
-    "inference.networking.k8s.io", "v1", "InferencePool", "inferencepools"
+POOL_GROUP = "inference.networking.k8s.io"
+InferencePool = create_namespaced_resource(POOL_GROUP, "v1", "InferencePool", "inferencepools")
+InferenceObjective = create_namespaced_resource(
+    "inference.networking.x-k8s.io", "v1alpha2", "InferenceObjective", "inferenceobjectives"
 )
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
@@ -72,23 +84,41 @@ def pod_ready(pod: Pod) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in status.conditions or [])
 
 
-def _name(pod: Pod) -> str:
-    return (pod.metadata.name if pod.metadata else None) or ""
+def _name(obj: Any) -> str:
+    return (obj.metadata.name if obj.metadata else None) or ""
 
 
-class InferencePoolWatch:
-    """Keep `pool`'s "kubernetes" source equal to the InferencePool's ready Pods."""
+def objective_priority(objective: Any, pool_name: str) -> tuple[bool, int | None]:
+    """(whether this InferenceObjective counts for pool `pool_name`, its priority). One
+    being deleted no longer counts, as for upstream's picker."""
+    spec = getattr(objective, "spec", None) or {}
+    ref = spec.get("poolRef") or {}
+    deleting = objective.metadata is not None and objective.metadata.deletionTimestamp is not None
+    mine = (
+        not deleting
+        and ref.get("name") == pool_name
+        and (ref.get("group") or POOL_GROUP) == POOL_GROUP
+    )
+    priority = spec.get("priority")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        priority = None
+    return mine, priority
+
+
+class _ListWatch:
+    """List, publish, watch, publish after every event; list again on any failure."""
+
+    _what = ""
+    """What is watched, for the log."""
 
     def __init__(
         self,
-        pool: EndpointPool,
         name: str,
-        client_factory: Callable[[], AsyncClient] = AsyncClient,
-        sync_timeout: float = 10.0,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        client_factory: Callable[[], AsyncClient],
+        sync_timeout: float,
+        sleep: Callable[[float], Awaitable[None]],
     ) -> None:
         namespace, _, pool_name = name.rpartition("/")
-        self._pool = pool
         self._namespace = namespace or None
         self._name = pool_name
         self._client_factory = client_factory
@@ -96,8 +126,6 @@ class InferencePoolWatch:
         self._sleep = sleep
         self._client: AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
-        self._pods: dict[str, Pod] = {}
-        self._ports: tuple[int, ...] = ()
         self.synced = asyncio.Event()
         """Set once the first list was published."""
         self.relists = 0
@@ -117,6 +145,9 @@ class InferencePoolWatch:
             await self._client.close()
             self._client = None
 
+    async def _list_and_watch(self) -> None:
+        raise NotImplementedError
+
     async def _run(self) -> None:
         backoff = BACKOFF_FIRST
         while True:
@@ -125,15 +156,34 @@ class InferencePoolWatch:
                 await self._list_and_watch()
             except ApiError as error:
                 if error.status.code == 410:
-                    self._log.info("pod watch expired (410 Gone): listing again")
+                    self._log.info("watch expired (410 Gone): listing again", watch=self._what)
                     continue
-                self._log.warning("InferencePool watch failed", error=str(error))
+                self._log.warning("watch failed", watch=self._what, error=str(error))
             except (httpx2.HTTPError, PoolSpecError, ValueError) as error:
-                self._log.warning("InferencePool watch failed", error=str(error))
+                self._log.warning("watch failed", watch=self._what, error=str(error))
             if self.relists != relists:  # this round listed: the API server was up
                 backoff = BACKOFF_FIRST
             await self._sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+
+class InferencePoolWatch(_ListWatch):
+    """Keep `pool`'s "kubernetes" source equal to the InferencePool's ready Pods."""
+
+    _what = "InferencePool Pods"
+
+    def __init__(
+        self,
+        pool: EndpointPool,
+        name: str,
+        client_factory: Callable[[], AsyncClient] = AsyncClient,
+        sync_timeout: float = 10.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        super().__init__(name, client_factory, sync_timeout, sleep)
+        self._pool = pool
+        self._pods: dict[str, Pod] = {}
+        self._ports: tuple[int, ...] = ()
 
     async def _list_and_watch(self) -> None:
         client = self._client
@@ -169,3 +219,48 @@ class InferencePoolWatch:
             for port in self._ports:
                 endpoints[format_address(ip, port)] = ready
         self._pool.update("kubernetes", endpoints)
+
+
+class InferenceObjectiveWatch(_ListWatch):
+    """Keep `table` equal to the priorities of the pool's InferenceObjectives."""
+
+    _what = "InferenceObjectives"
+
+    def __init__(
+        self,
+        table: ObjectiveTable,
+        name: str,
+        client_factory: Callable[[], AsyncClient] = AsyncClient,
+        sync_timeout: float = 10.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        super().__init__(name, client_factory, sync_timeout, sleep)
+        self._table = table
+        self._objectives: dict[str, int | None] = {}
+
+    async def _list_and_watch(self) -> None:
+        client = self._client
+        assert client is not None
+        listed = client.list(InferenceObjective, namespace=self._namespace)
+        self._objectives = {}
+        async for objective in listed:
+            self._apply("ADDED", objective)
+        self.relists += 1
+        self._table.replace(self._objectives)
+        self.synced.set()
+        watch = client.watch(
+            InferenceObjective, namespace=self._namespace, resource_version=listed.resourceVersion
+        )
+        async for kind, objective in watch:
+            self._apply(kind, objective)
+            self._table.replace(self._objectives)
+
+    def _apply(self, kind: str, objective: Any) -> None:
+        name = _name(objective)
+        if not name:
+            return
+        mine, priority = objective_priority(objective, self._name)
+        if kind == "DELETED" or not mine:  # deleted, or moved to another pool
+            self._objectives.pop(name, None)
+        else:
+            self._objectives[name] = priority

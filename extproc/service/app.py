@@ -1,7 +1,11 @@
 """Wiring: build the registry, datastore, policy, queue and servers from Settings, and run them.
 
 Lifecycle: `start` binds the gRPC port (ext_proc stream, read API, health,
-reflection) and the HTTP admin port, then reports ready. `stop` (on SIGTERM or
+reflection; TLS as `tls.py` says), the plaintext health port if asked, and the
+HTTP admin port, then reports ready. Health services: `liveness` is SERVING
+while the process runs; `readiness` (and `/readyz`) once started and, in pool
+mode, once every endpoint source has synced at least once (the pool is known);
+"" and the ext_proc service name once started. `stop` (on SIGTERM or
 SIGINT) drains:
 1. readiness and the health services turn NOT_SERVING, so probes and Envoy's
    health check route new traffic elsewhere; requests that still arrive are
@@ -31,6 +35,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_gr
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter
 
 from extproc.addresses import parse_address, redact_url
 from extproc.api.v1 import registry_pb2, registry_pb2_grpc
@@ -47,8 +52,9 @@ from extproc.fleet.sync import FleetOptions, FleetSync, LeasedCapacity
 from extproc.flowcontrol.policies import make_policy
 from extproc.flowcontrol.queue import FlowController
 from extproc.log import RequestLog
+from extproc.objectives import SHEDDABLE_CRITICALITY, ObjectiveTable
 from extproc.pool.discovery import DnsDiscovery, add_static
-from extproc.pool.kubernetes import InferencePoolWatch
+from extproc.pool.kubernetes import InferenceObjectiveWatch, InferencePoolWatch
 from extproc.pool.picker import make_picker
 from extproc.pool.pool import EndpointPool
 from extproc.pool.scorers import ScorerWeights
@@ -60,6 +66,7 @@ from extproc.service.auth import BearerToken
 from extproc.service.extproc import ExternalProcessorService
 from extproc.service.metrics import Metrics
 from extproc.service.readapi import WorkloadReader, WorkloadRegistryService
+from extproc.service.tls import server_credentials
 from extproc.workloads import Workloads
 
 # Envoy's message timeout is extended by this much beyond the queue timeout, so
@@ -117,7 +124,7 @@ class Service:
             max_queue=settings.max_queue,
             queue_timeout=settings.queue_timeout,
             limits=self.workloads.limits,
-            shed_below=settings.shed_below,
+            shed_below=_shed_below(settings),
             pool=self.pool,
         )
         self.workloads.on_change(self.flow.reconfigure)
@@ -144,9 +151,11 @@ class Service:
             pool_status,
         )
         self.flow.on_pick = self.metrics.decision.observe
+        self.objectives = self._objective_table()
         parser = ContextParser(
             settings.default_workload if settings.on_missing_context == "default" else None,
             settings.workload_header,
+            self.objectives,
         )
         self.ext_proc = ExternalProcessorService(
             self.datastore,
@@ -165,9 +174,17 @@ class Service:
         self.health = HealthServicer()
         self.token = BearerToken(settings.admin_token)
         self.ready = False
+        self._pool_synced = [
+            task.synced
+            for task in self._pool_tasks
+            if isinstance(task, DnsDiscovery | InferencePoolWatch)
+        ]
         self.grpc_port = 0
         self.admin_port = 0
+        self.health_port = 0
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self._synced_waiter: asyncio.Task[None] | None = None
         self._admin: web.AppRunner | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._reloader: asyncio.Task[None] | None = None
@@ -184,7 +201,10 @@ class Service:
             (EXT_PROC_SERVICE, REGISTRY_SERVICE, reflection.SERVICE_NAME, "grpc.health.v1.Health"),
             server,
         )
-        credentials = self._tls_credentials()
+        settings = self.settings
+        credentials = server_credentials(
+            settings.tls_cert, settings.tls_key, settings.tls_client_ca, settings.secure_serving
+        )
         self.grpc_port = (
             server.add_secure_port(self.settings.listen, credentials)
             if credentials
@@ -192,8 +212,11 @@ class Service:
         )
         if self.grpc_port == 0:
             raise OSError(f"cannot listen on {self.settings.listen}")
+        await self._set_ready(False)  # alive, not ready, while the rest starts
         await server.start()
         self._server = server
+        if settings.health_listen is not None:
+            self._health_server = await self._start_health(settings.health_listen)
         self._admin = await self._start_admin()
         self._sweeper = asyncio.create_task(self._sweep_forever())
         if self.settings.workloads is not None:
@@ -205,6 +228,8 @@ class Service:
         if self.fleet is not None:
             await self.fleet.start()
         await self._set_ready(True)
+        if not self.pool_known:
+            self._synced_waiter = asyncio.create_task(self._ready_when_synced())
         self._log.info(
             "serving",
             grpc=self.settings.listen.rsplit(":", 1)[0] + f":{self.grpc_port}",
@@ -212,13 +237,14 @@ class Service:
             policy=self.settings.policy,
             capacity=self.capacity.name,
             registry=redact_url(self.settings.registry),
-            tls="mutual" if self.settings.tls_client_ca else bool(self.settings.tls_cert),
+            tls=_tls_mode(self.settings),
+            health=_port_of(self.settings.health_listen, self.health_port),
             max_concurrency=self.settings.max_concurrency,
             max_queue=self.settings.max_queue,
             queue_timeout=self.settings.queue_timeout,
             workloads=str(self.settings.workloads) if self.settings.workloads else None,
             workload_header=self.settings.workload_header,
-            shed_below=self.settings.shed_below,
+            shed_below=self.flow.shed_below,
         )
 
     async def stop(self, drain_timeout: float | None = None, grace: float | None = None) -> None:
@@ -231,34 +257,62 @@ class Service:
         await _within(drain, self.flow.wait_for(lambda: self.flow.queued == 0))
         self.flow.close()
         await _within(grace, self.flow.wait_for(lambda: self.flow.in_flight == 0))
-        for loop_task in (self._sweeper, self._reloader):
+        for loop_task in (self._sweeper, self._reloader, self._synced_waiter):
             if loop_task is not None:
                 loop_task.cancel()
-        self._sweeper = self._reloader = None
+        self._sweeper = self._reloader = self._synced_waiter = None
         if self._scraper is not None:
             await self._scraper.stop()
         for task in reversed(self._pool_tasks):
             await task.stop()
         if self.fleet is not None:
             await self.fleet.stop()
-        if self._server is not None:
-            await self._server.stop(0)
-            self._server = None
+        for server in (self._server, self._health_server):
+            if server is not None:
+                await server.stop(0)
+        self._server = self._health_server = None
         if self._admin is not None:
             await self._admin.cleanup()
             self._admin = None
         self._log.info("stopped")
 
-    def _tls_credentials(self) -> grpc.ServerCredentials | None:
-        settings = self.settings
-        if settings.tls_cert is None or settings.tls_key is None:
+    def _objective_table(self) -> ObjectiveTable | None:
+        """With --inference-pool: the pool's InferenceObjectives, watched like its Pods."""
+        name = self.settings.inference_pool
+        if name is None:
             return None
-        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
-        return grpc.ssl_server_credentials(
-            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
-            root_certificates=client_ca,
-            require_client_auth=client_ca is not None,
+        unknown = Counter(
+            "extproc_objective_unknown",
+            "Requests naming an x-gateway-inference-objective the pool does not define.",
+            registry=self.metrics.registry,
         )
+        table = ObjectiveTable(on_unknown=unknown.inc)
+        # Not waited for long, and not part of readiness: a cluster without the
+        # InferenceObjective CRD still serves, every objective unknown.
+        self._pool_tasks.append(InferenceObjectiveWatch(table, name, sync_timeout=1.0))
+        return table
+
+    @property
+    def pool_known(self) -> bool:
+        """Every endpoint source synced once (true at once without discovery)."""
+        return all(synced.is_set() for synced in self._pool_synced)
+
+    def readiness(self) -> bool:
+        return self.ready and self.pool_known
+
+    async def _ready_when_synced(self) -> None:
+        await asyncio.gather(*(synced.wait() for synced in self._pool_synced))
+        self._log.info("endpoints synced: ready")
+        await self._set_ready(self.ready)
+
+    async def _start_health(self, address: str) -> grpc.aio.Server:
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.health_port = server.add_insecure_port(address)
+        if self.health_port == 0:
+            raise OSError(f"cannot listen on {address}")
+        await server.start()
+        return server
 
     def sweep(self) -> int:
         """Forget idle workloads in the registry and the policy; returns how many."""
@@ -279,7 +333,7 @@ class Service:
             self.workloads.reload_if_changed()
 
     async def _start_admin(self) -> web.AppRunner:
-        app = make_admin_app(self.reader, lambda: self.ready, self.token, self.metrics.registry)
+        app = make_admin_app(self.reader, self.readiness, self.token, self.metrics.registry)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         host, port = parse_address(self.settings.admin_listen)
@@ -293,10 +347,13 @@ class Service:
         self.ready = ready
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in HEALTH_SERVICES:
-            # Liveness stays SERVING while the process runs; the rest follow readiness.
-            alive = name == "liveness"
-            await self.health.set(name, serving if ready or alive else not_serving)
+        states = {name: ready for name in HEALTH_SERVICES}
+        # Liveness stays SERVING while the process runs: a pool still syncing, or a
+        # drain, is no reason to restart it.
+        states["liveness"] = True
+        states["readiness"] = self.readiness()
+        for name, up in states.items():
+            await self.health.set(name, serving if up else not_serving)
 
 
 def make_capacity(settings: Settings, clock: Clock) -> Capacity:
@@ -361,6 +418,25 @@ def _fleet_options(settings: Settings) -> FleetOptions:
         ema_alpha=settings.wait_ema_alpha,
         idle_ttl=settings.workload_idle_ttl,
     )
+
+
+def _shed_below(settings: Settings) -> int:
+    """With InferenceObjectives, a negative priority is sheddable, as upstream."""
+    if settings.inference_pool is None:
+        return settings.shed_below
+    return max(settings.shed_below, SHEDDABLE_CRITICALITY + 1)
+
+
+def _tls_mode(settings: Settings) -> str:
+    if settings.tls_client_ca is not None:
+        return "mutual"
+    if settings.tls_cert is not None:
+        return "certificate"
+    return "self-signed" if settings.secure_serving else "off"
+
+
+def _port_of(address: str | None, port: int) -> str | None:
+    return None if address is None else address.rsplit(":", 1)[0] + f":{port}"
 
 
 async def _within(seconds: float, waiting: Coroutine[None, None, None]) -> None:

@@ -6,6 +6,9 @@ Per request (updated where the stream handler records each outcome):
   extproc_queue_wait_seconds{outcome}         enqueue to decision
   extproc_dispatch_decision_seconds           time to pick the next request
   extproc_criticality_clamped_total           claims above a workload's max_criticality
+  extproc_objective_unknown_total             x-gateway-inference-objective naming no
+                                              objective of the pool (registered by app.py
+                                              with --inference-pool)
 At scrape time (read from the queue and the registry, no request-path cost):
   extproc_queue_size, extproc_in_flight_requests, extproc_max_concurrency (the
   limit in force, whichever `--capacity` set it), extproc_tracked_workloads;
