@@ -28,7 +28,9 @@ if [ "${ENDPOINTS:-0}" = 3 ]; then
     "$BIN/extproc" demo-backend --listen "127.0.0.1:800$i" --concurrency 4 \
       --speed "$((1 << (i - 1)))" --prefix-cache-blocks 256 &
   done
-  GATE=(--endpoints 127.0.0.1:8001,127.0.0.1:8002,127.0.0.1:8003 --policy fair-share)
+  # --fallbacks 2: override-host retries a connection failure on the next endpoint named.
+  GATE=(--endpoints 127.0.0.1:8001,127.0.0.1:8002,127.0.0.1:8003 --policy fair-share
+        --fallbacks 2)
   CONFIG=envoy/envoy-pool.yaml
 elif [ "${ENDPOINTS:-0}" != 0 ]; then
   echo "ENDPOINTS must be 3 (or unset)" >&2; exit 2

@@ -179,6 +179,13 @@ class Settings(BaseSettings):
     endpoint_max_in_flight: int = Field(
         0, ge=0, description="pool: requests in flight per endpoint at most; 0 = no ceiling"
     )
+    fallbacks: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="pool: endpoints named after the primary, for the data plane's retries; "
+        "a list needs override-host routing (envoy-pool.yaml): ORIGINAL_DST takes one",
+    )
     endpoint_metrics_path: str = Field(
         "/metrics", pattern=r"^/", description="pool: each endpoint's Prometheus page"
     )

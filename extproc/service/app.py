@@ -324,7 +324,7 @@ def make_pool(settings: Settings, clock: Clock) -> EndpointPool | None:
     if not settings.endpoints_configured:
         return None
     picker = make_picker(settings.picker, ScorerWeights.parse(settings.scorers))
-    pool = EndpointPool(clock, picker, settings.endpoint_options())
+    pool = EndpointPool(clock, picker, settings.endpoint_options(), fallbacks=settings.fallbacks)
     if settings.endpoints:
         add_static(pool, settings.endpoints)
     return pool

@@ -100,10 +100,11 @@ def test_least_loaded_counts_credit_and_stale_endpoints_by_in_flight() -> None:
 
 def test_round_robin_cycles_in_address_order() -> None:
     clock = VirtualClock()
-    pool = make_pool(clock, [E3, E1, E2], picker="round-robin")
+    pool = make_pool(clock, [E3, E1, E2], picker="round-robin", fallbacks=2)
     picks = [pool.pick(None) for _ in range(4)]
     assert [p[0] for p in picks] == [E1, E2, E3, E1]
     assert picks[0] == (E1, E2, E3)
+    assert make_pool(clock, [E3, E1, E2], picker="round-robin").pick(None) == (E1,)
 
 
 def test_ties_break_at_random_with_the_injected_rng() -> None:
@@ -158,7 +159,7 @@ def test_fallback_ties_break_at_random_with_the_injected_rng() -> None:
 
     def fallbacks(seed: int) -> list[tuple[str, ...]]:
         clock = VirtualClock()
-        pool = make_pool(clock, addresses, weights="kv-cache=1", seed=seed)
+        pool = make_pool(clock, addresses, weights="kv-cache=1", seed=seed, fallbacks=2)
         return [pool.pick(None)[1:] for _ in range(40)]
 
     assert fallbacks(7) == fallbacks(7)
