@@ -49,6 +49,11 @@ def _nothing() -> None:
     pass
 
 
+def _allowed(endpoint: Endpoint, subset: frozenset[str]) -> bool:
+    """A subset names an endpoint by "ip:port", or by its bare IP (any port)."""
+    return endpoint.address in subset or endpoint.host in subset
+
+
 class EndpointPool:
     def __init__(
         self,
@@ -232,7 +237,7 @@ class EndpointPool:
         return best
 
     def _listed(self, subset: frozenset[str] | None) -> list[Endpoint]:
-        return [e for e in self._ordered if subset is None or e.address in subset]
+        return [e for e in self._ordered if subset is None or _allowed(e, subset)]
 
     def _candidates(self, subset: frozenset[str] | None, now: float) -> list[Endpoint]:
         if subset is None:
@@ -242,7 +247,7 @@ class EndpointPool:
                 for e in self._ordered
                 if e.discovered_ready and (e.unreachable_since is None or e.ready(now))
             ]
-        return [e for e in self._ordered if e.address in subset and e.ready(now)]
+        return [e for e in self._ordered if _allowed(e, subset) and e.ready(now)]
 
     # -- reading ----------------------------------------------------------
 

@@ -5,8 +5,10 @@
   dynamic metadata namespace `envoy.lb`, key `x-gateway-destination-endpoint`.
 - A gateway may restrict the pick: `metadata_context` namespace
   `envoy.lb.subset_hint`, key `x-gateway-destination-endpoint-subset`, a list
-  of "ip:port" (a comma-separated string is read too). An empty or unusable
-  hint is an empty subset: nothing is eligible, and the request is answered 503.
+  of "ip:port" or bare IPs (a comma-separated string is read too); a bare IP
+  allows that endpoint on any port, as upstream's filter reads it. An empty or
+  unusable hint is an empty subset: nothing is eligible, and the request is
+  answered 503.
 - The data plane reports the endpoint that served the request in
   `metadata_context` namespace `envoy.lb`, key
   `x-gateway-destination-endpoint-served`.
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
@@ -41,7 +44,17 @@ def subset_hint(message: Any) -> frozenset[str] | None:
         items = value.string_value.split(",")
     else:
         items = []
-    return frozenset(item.strip() for item in items if item.strip())
+    return frozenset(_subset_entry(item.strip()) for item in items if item.strip())
+
+
+def _subset_entry(item: str) -> str:
+    """ "ip:port" as given; a bare IP as the pool writes an endpoint's host (IPv6
+    bracketed), so it matches that endpoint on any port."""
+    try:
+        ip = ipaddress.ip_address(item.strip("[]"))
+    except ValueError:
+        return item
+    return f"[{ip}]" if ip.version == 6 else str(ip)
 
 
 def served_endpoint(message: Any) -> str | None:

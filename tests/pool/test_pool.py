@@ -202,3 +202,27 @@ def test_an_endpoint_leaving_the_pool_takes_its_staleness_timer_along() -> None:
     feed(pool, clock, E2, waiting=0)
     clock.advance(5.0)
     assert len(wakes) == 3  # a listed endpoint still wakes when its reading goes stale
+
+
+@pytest.mark.parametrize(
+    ("hint", "allowed"),
+    [
+        ({"10.0.0.1:8000"}, {"10.0.0.1:8000"}),  # ip:port: that port only
+        ({"10.0.0.1"}, {"10.0.0.1:8000", "10.0.0.1:9000"}),  # bare IP: any port
+        ({"10.0.0.1:9000", "10.0.0.2"}, {"10.0.0.1:9000", "10.0.0.2:8000"}),
+        ({"[fd00::1]"}, {"[fd00::1]:8000"}),
+        ({"10.0.0.1:7"}, set()),  # no such port
+    ],
+)
+def test_a_subset_names_endpoints_by_ip_port_or_by_bare_ip(
+    hint: set[str], allowed: set[str]
+) -> None:
+    clock = VirtualClock()
+    addresses = ["10.0.0.1:8000", "10.0.0.1:9000", "10.0.0.2:8000", "[fd00::1]:8000"]
+    pool = make_pool(clock, addresses, picker="round-robin")
+    request = PickRequest(subset=frozenset(hint))
+    if not allowed:
+        assert pool.ineligible(request) is not None
+        return
+    assert pool.ineligible(request) is None
+    assert {pool.pick(request)[0] for _ in range(8)} == allowed

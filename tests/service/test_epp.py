@@ -119,7 +119,33 @@ async def test_the_subset_hint_limits_the_pick(
         stream.cancel()
 
 
-@pytest.mark.parametrize("subset", [[], ["10.9.9.9:80"]])
+@pytest.mark.parametrize(
+    "hint",
+    [
+        ["10.0.0.1:80", " 10.0.0.2 ", "::1", "[fd00::2]", "", "[fd00::3]:80"],
+        "10.0.0.1:80, 10.0.0.2,,::1,[fd00::2],[fd00::3]:80",
+    ],
+)
+def test_subset_hint_forms_read_as_upstream_filters_them(hint: list[str] | str) -> None:
+    # ip:port kept as given; a bare IP in the form the pool gives an endpoint's host.
+    read = epp.subset_hint(with_subset(duplex_headers("a"), hint))
+    assert read == {"10.0.0.1:80", "10.0.0.2", "[::1]", "[fd00::2]", "[fd00::3]:80"}
+
+
+async def test_a_bare_ip_subset_allows_that_endpoint_on_any_port(
+    pool_service: tuple[Service, Any], endpoints: list[PoolEndpoint]
+) -> None:
+    # All three endpoints share 127.0.0.1: a bare IP allows each of them.
+    _, stub = pool_service
+    picked = set()
+    for _ in range(6):
+        stream, answer = await open_request(stub, with_subset(duplex_headers("a"), "127.0.0.1"))
+        picked.add(destination(answer)[0])
+        stream.cancel()
+    assert picked == {e.address for e in endpoints}
+
+
+@pytest.mark.parametrize("subset", [[], ["10.9.9.9:80"], ["127.0.0.2"]])
 async def test_an_empty_or_ineligible_subset_is_answered_503(
     pool_service: tuple[Service, Any], subset: list[str]
 ) -> None:
