@@ -1,0 +1,139 @@
+"""End to end behind each gateway style that routes InferencePools: a real Envoy on the
+config the gateway generates (tests/support/gateway_envoy.py: Envoy AI Gateway /
+kgateway, ORIGINAL_DST + TLS to the picker, bodies full-duplex or buffered) and on our
+own override-host file (envoy/envoy-pool.yaml), the real service, three model servers.
+Each: 30 distinct prompts all answered 200 by the endpoint named, a 512 KiB body
+intact, SSE streamed where the response body streams, prefix affinity (every style
+here sends the body before the answer is due), every count back to zero."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import StartService
+from tests.e2e.test_e2e_pool import PoolStack
+from tests.support.certs import Authority
+from tests.support.envoy import Envoy, pool_config
+from tests.support.extproc_client import eventually
+from tests.support.gateway_envoy import gateway_config
+from tests.support.pool_endpoint import PoolEndpoint
+
+pytestmark = pytest.mark.e2e
+
+STYLES = {
+    # style: (body mode of the generated config, None for envoy-pool.yaml; whether the
+    # response body streams)
+    "ai-gateway-duplex": ("FULL_DUPLEX_STREAMED", True),
+    "ai-gateway-buffered": ("BUFFERED", False),
+    "ai-gateway-buffered-partial": ("BUFFERED_PARTIAL", False),
+    "override-host": (None, True),
+}
+SHARED = "You are a careful assistant who answers in one short paragraph. " * 11  # ~700 B
+
+MakeStack = Callable[[str], Awaitable[PoolStack]]
+
+
+@pytest.fixture
+async def make_stack(start_service: StartService, tmp_path: Path) -> AsyncIterator[MakeStack]:
+    cleanups: list[Callable[[], Awaitable[None]]] = []
+
+    async def make(style: str) -> PoolStack:
+        endpoints = [PoolEndpoint(f"e{i}") for i in range(3)]
+        for endpoint in endpoints:
+            await endpoint.start()
+            cleanups.append(endpoint.stop)
+        body_mode, _ = STYLES[style]
+        addresses = [e.address for e in endpoints]
+        if body_mode is None:
+            service = await start_service(endpoints=addresses)
+            config = pool_config(service.grpc_port, [e.port for e in endpoints])
+        else:
+            # The gateways dial the picker with TLS and verify nothing.
+            pem = Authority(tmp_path, "ca").issue("picker", server=True)
+            service = await start_service(endpoints=addresses, tls_cert=pem.cert, tls_key=pem.key)
+            config = gateway_config(service.grpc_port, body_mode)
+        envoy = Envoy(config)
+        cleanups.append(envoy.stop)
+        await envoy.start()
+        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
+        cleanups.append(http.close)
+        return PoolStack(service, endpoints, envoy, http)
+
+    yield make
+    for cleanup in reversed(cleanups):
+        await cleanup()
+
+
+async def settled(stack: PoolStack) -> None:
+    await eventually(lambda: stack.in_flight() == 0 and stack.active("a") == 0, within=10)
+    assert stack.service.flow.queued == 0
+
+
+@pytest.mark.parametrize("style", STYLES)
+async def test_a_gateway_style_routes_every_request_to_the_endpoint_named(
+    make_stack: MakeStack, style: str
+) -> None:
+    stack = await make_stack(style)
+    _, streams_response = STYLES[style]
+
+    # 30 distinct prompts: all 200, each served by the one endpoint the picker named.
+    answers = await asyncio.gather(
+        *(stack.complete("a", {"model": "m", "prompt": f"distinct {i}"}) for i in range(30))
+    )
+    assert [status for status, _ in answers] == [200] * 30, answers
+    for _, answer in answers:
+        assert "," not in answer["destination"]
+        assert stack.by_address(answer["destination"]).name == answer["endpoint"]
+    assert sum(len(e.served) for e in stack.endpoints) == 30
+    await settled(stack)
+
+    # A 512 KiB body, byte for byte.
+    big = json.dumps({"model": "m", "prompt": "x" * (512 << 10)}).encode()
+    status, answer = await stack.complete("a", big)
+    assert status == 200, answer
+    assert (answer["bytes"], answer["sha256"]) == (len(big), hashlib.sha256(big).hexdigest())
+    await settled(stack)
+
+    # SSE: every event arrives; streamed where the response body mode streams.
+    body = {"model": "m", "prompt": "p", "stream": True, "chunks": 4, "interval": 0.4}
+    arrivals, received = [], b""
+    async with stack.post("a", body) as reply:
+        assert reply.status == 200
+        started = time.monotonic()
+        async for chunk in reply.content.iter_any():
+            arrivals.append(time.monotonic() - started)
+            received += chunk
+    assert received.count(b"data: ") == 5
+    assert received.endswith(b"data: [DONE]\n\n")
+    if streams_response:
+        assert arrivals[-1] - arrivals[0] > 0.6  # buffered, all would come at once
+    await settled(stack)
+
+    # Prefix affinity: the body arrives before the answer, so a shared ~700-byte
+    # prompt goes where the first one went.
+    hits_before = sum(e.prefix_hits for e in pool_status(stack))
+    served = []
+    for index in range(6):
+        status, answer = await stack.complete("a", {"model": "m", "prompt": f"{SHARED}q{index}"})
+        assert status == 200, answer
+        served.append(answer["endpoint"])
+    assert len(set(served)) == 1, served
+    assert sum(e.prefix_hits for e in pool_status(stack)) - hits_before == 5
+    await settled(stack)
+    totals = stack.service.reader.get("a")
+    assert totals is not None
+    assert totals.metrics.total_requests == totals.metrics.dispatched_count == 38
+
+
+def pool_status(stack: PoolStack) -> Any:
+    assert stack.service.pool is not None
+    return stack.service.pool.status().endpoints
