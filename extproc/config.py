@@ -186,6 +186,12 @@ class Settings(BaseSettings):
         description="pool: endpoints named after the primary, for the data plane's retries; "
         "a list needs override-host routing (envoy-pool.yaml): ORIGINAL_DST takes one",
     )
+    conformance_test_hooks: bool = Field(
+        False,
+        description="pool: honour the Gateway API Inference Extension conformance suite's "
+        "test-epp-endpoint-selection request header and report "
+        "x-conformance-test-served-endpoint; never in production (any client could steer)",
+    )
     endpoint_metrics_path: str = Field(
         "/metrics", pattern=r"^/", description="pool: each endpoint's Prometheus page"
     )

@@ -157,6 +157,7 @@ class Service:
             hold_timeout=settings.queue_timeout + HOLD_MARGIN,
             overflow_when_full=settings.on_registry_full == "overflow",
             pick_endpoints=settings.endpoints_configured,
+            conformance_hooks=settings.conformance_test_hooks,
             max_body_bytes=settings.max_body_bytes,
             count_tokens=settings.policy == "fair-share" and settings.fair_share_cost == "tokens",
             workloads=self.workloads,

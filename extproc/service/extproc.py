@@ -273,6 +273,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         overflow_when_full: bool = True,
         workloads: Workloads | None = None,
         pick_endpoints: bool = False,
+        conformance_hooks: bool = False,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         count_tokens: bool = False,
         request_log: RequestLog | None = None,
@@ -286,6 +287,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         self._clock = clock
         self._metrics = metrics
         self._pick = pick_endpoints
+        self._conformance = pick_endpoints and conformance_hooks
         self._max_body = max_body_bytes
         self._count_tokens = count_tokens
         self._log = request_log or RequestLog()
@@ -333,6 +335,9 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 if not phase:
                     continue
                 self._observe(message, phase, exchange)
+                if self._conformance and phase == "response_headers":
+                    yield epp.served_report(message)
+                    continue
                 yield _pass_on(message, phase, exchange)
         finally:
             stream.close()
@@ -397,6 +402,8 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         exchange.workload = workload
         if self._pick:
             exchange.subset = epp.subset_hint(message)
+            if self._conformance:
+                exchange.subset = epp.test_selection(message) or exchange.subset
         # Trailer mode reads no body: nothing to wait for before enqueueing.
         exchange.request_done = not exchange.duplex or bool(headers.end_of_stream)
         if modes.request_body_mode in _BUFFERED and not headers.end_of_stream:

@@ -39,14 +39,14 @@ STYLES = {
 }
 SHARED = "You are a careful assistant who answers in one short paragraph. " * 11  # ~700 B
 
-MakeStack = Callable[[str], Awaitable[PoolStack]]
+MakeStack = Callable[..., Awaitable[PoolStack]]
 
 
 @pytest.fixture
 async def make_stack(start_service: StartService, tmp_path: Path) -> AsyncIterator[MakeStack]:
     cleanups: list[Callable[[], Awaitable[None]]] = []
 
-    async def make(style: str) -> PoolStack:
+    async def make(style: str, **settings: object) -> PoolStack:
         endpoints = [PoolEndpoint(f"e{i}") for i in range(3)]
         for endpoint in endpoints:
             await endpoint.start()
@@ -54,12 +54,14 @@ async def make_stack(start_service: StartService, tmp_path: Path) -> AsyncIterat
         body_mode, _ = STYLES[style]
         addresses = [e.address for e in endpoints]
         if body_mode is None:
-            service = await start_service(endpoints=addresses)
+            service = await start_service(endpoints=addresses, **settings)
             config = pool_config(service.grpc_port, [e.port for e in endpoints])
         else:
             # The gateways dial the picker with TLS and verify nothing.
             pem = Authority(tmp_path, "ca").issue("picker", server=True)
-            service = await start_service(endpoints=addresses, tls_cert=pem.cert, tls_key=pem.key)
+            service = await start_service(
+                endpoints=addresses, tls_cert=pem.cert, tls_key=pem.key, **settings
+            )
             config = gateway_config(service.grpc_port, body_mode)
         envoy = Envoy(config)
         cleanups.append(envoy.stop)
@@ -73,8 +75,8 @@ async def make_stack(start_service: StartService, tmp_path: Path) -> AsyncIterat
         await cleanup()
 
 
-async def settled(stack: PoolStack) -> None:
-    await eventually(lambda: stack.in_flight() == 0 and stack.active("a") == 0, within=10)
+async def settled(stack: PoolStack, workload: str = "a") -> None:
+    await eventually(lambda: stack.in_flight() == 0 and stack.active(workload) == 0, within=10)
     assert stack.service.flow.queued == 0
 
 
@@ -137,3 +139,22 @@ async def test_a_gateway_style_routes_every_request_to_the_endpoint_named(
 def pool_status(stack: PoolStack) -> Any:
     assert stack.service.pool is not None
     return stack.service.pool.status().endpoints
+
+
+async def test_the_conformance_header_steers_through_a_generated_gateway(
+    make_stack: MakeStack,
+) -> None:
+    stack = await make_stack("ai-gateway-duplex", conformance_test_hooks=True)
+    target = stack.endpoints[2]
+    url = f"http://127.0.0.1:{stack.envoy.port}/v1/completions"
+    for index in range(6):
+        headers = {"test-epp-endpoint-selection": target.address}
+        data = json.dumps({"model": "m", "prompt": f"p{index}"})
+        async with stack.http.post(url, data=data, headers=headers) as reply:
+            assert reply.status == 200
+            assert (await reply.json())["endpoint"] == target.name
+            # This Envoy reports no served endpoint; the report says so, as upstream's.
+            served = reply.headers["x-conformance-test-served-endpoint"]
+            assert served == "fail: missing envoy lb metadata"
+    assert len(target.served) == 6
+    await settled(stack, "default")
