@@ -274,7 +274,8 @@ class Settings(BaseSettings):
         DEFAULT_MAX_BODY_BYTES,
         ge=0,
         le=1 << 30,
-        description="full-duplex bodies: read the OpenAI JSON request body up to this size; "
+        description="full-duplex and buffered bodies: read the OpenAI JSON request body up "
+        "to this size; "
         "a larger one is forwarded unchanged and picked without its prompt",
     )
     criticality_weights: str = Field(

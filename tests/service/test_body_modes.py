@@ -248,3 +248,30 @@ async def test_buffered_paths_that_end_early_count_out_once(
     await play_response(trailers, "NONE")
     assert counts(service, "d") == (1, 1, 0)
     await eventually(lambda: in_flight(service) == 0)
+
+
+@pytest.mark.parametrize("response_mode", ["STREAMED", "BUFFERED"])
+async def test_tokens_cost_reads_a_buffered_prompt_and_the_usage_of_any_response_body(
+    start_service: StartService, response_mode: str
+) -> None:
+    service = await start_service(policy="fair-share", fair_share_cost="tokens")
+    policy: Any = service.flow._policy
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        stream = pb_grpc.ExternalProcessorStub(channel).Process()
+        first = headers_in("BUFFERED", response_mode)
+        first.request_headers.headers.headers[
+            -1
+        ].raw_value = b'{"workload_id": "a", "criticality": 1}'  # weight 1
+        body = b'{"prompt": "' + b"x" * 40 + b'", "max_tokens": 3}'
+        await play_request(stream, "BUFFERED", body, first)
+        assert policy.counter("a") == pytest.approx(10 + 2 * 3)  # the prompt was read
+        await stream.write(response_headers(end_of_stream=False))
+        await stream.read()
+        usage = b'{"usage": {"prompt_tokens": 12, "completion_tokens": 20}}'
+        pieces = [usage[:9], usage[9:]] if response_mode == "STREAMED" else [usage]
+        for index, piece in enumerate(pieces):
+            await stream.write(response_body(piece, end_of_stream=index == len(pieces) - 1))
+            assert unchanged(await stream.read(), "response_body")
+        assert policy.counter("a") == pytest.approx(12 + 2 * 20)
+        assert counts(service, "a") == (1, 1, 0)
+        stream.cancel()
