@@ -12,20 +12,16 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
-from tests.conftest import StartService
-from tests.e2e.test_e2e_pool import PoolStack
+from tests.e2e.conftest import MakePoolStack, PoolStack
 from tests.support.certs import Authority
-from tests.support.envoy import Envoy, pool_config
 from tests.support.extproc_client import eventually
 from tests.support.gateway_envoy import gateway_config
-from tests.support.pool_endpoint import PoolEndpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -37,42 +33,26 @@ STYLES = {
     "ai-gateway-buffered-partial": ("BUFFERED_PARTIAL", False),
     "override-host": (None, True),
 }
-SHARED = "You are a careful assistant who answers in one short paragraph. " * 11  # ~700 B
-
 MakeStack = Callable[..., Awaitable[PoolStack]]
+SHARED = "You are a careful assistant who answers in one short paragraph. " * 11  # ~700 B
 
 
 @pytest.fixture
-async def make_stack(start_service: StartService, tmp_path: Path) -> AsyncIterator[MakeStack]:
-    cleanups: list[Callable[[], Awaitable[None]]] = []
-
+def make_stack(make_pool_stack: MakePoolStack, tmp_path: Path) -> MakeStack:
     async def make(style: str, **settings: object) -> PoolStack:
-        endpoints = [PoolEndpoint(f"e{i}") for i in range(3)]
-        for endpoint in endpoints:
-            await endpoint.start()
-            cleanups.append(endpoint.stop)
         body_mode, _ = STYLES[style]
-        addresses = [e.address for e in endpoints]
         if body_mode is None:
-            service = await start_service(endpoints=addresses, **settings)
-            config = pool_config(service.grpc_port, [e.port for e in endpoints])
-        else:
-            # The gateways dial the picker with TLS and verify nothing.
-            pem = Authority(tmp_path, "ca").issue("picker", server=True)
-            service = await start_service(
-                endpoints=addresses, tls_cert=pem.cert, tls_key=pem.key, **settings
-            )
-            config = gateway_config(service.grpc_port, body_mode)
-        envoy = Envoy(config)
-        cleanups.append(envoy.stop)
-        await envoy.start()
-        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
-        cleanups.append(http.close)
-        return PoolStack(service, endpoints, envoy, http)
+            return await make_pool_stack(**settings)
+        # The gateways dial the picker with TLS and verify nothing.
+        pem = Authority(tmp_path, "ca").issue("picker", server=True)
+        return await make_pool_stack(
+            envoy_config=lambda port, _: gateway_config(port, body_mode),
+            tls_cert=pem.cert,
+            tls_key=pem.key,
+            **settings,
+        )
 
-    yield make
-    for cleanup in reversed(cleanups):
-        await cleanup()
+    return make
 
 
 async def settled(stack: PoolStack, workload: str = "a") -> None:

@@ -7,7 +7,6 @@ streamed), and that every request is counted in, dispatched and out exactly once
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -19,6 +18,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.service import epp
 from extproc.service.app import Service
 from tests.conftest import StartService
+from tests.service.conftest import OpenPool
 from tests.service.test_epp import with_subset
 from tests.support.extproc_client import (
     eventually,
@@ -28,7 +28,6 @@ from tests.support.extproc_client import (
     response_trailers,
     workload_headers,
 )
-from tests.support.pool_endpoint import PoolEndpoint
 
 Mode = processing_mode_pb2.ProcessingMode
 MODES = {
@@ -45,23 +44,8 @@ SHARED = "You are a careful assistant. " * 24  # ~700 bytes: eleven 64-byte bloc
 
 
 @pytest.fixture
-async def endpoints() -> AsyncIterator[list[PoolEndpoint]]:
-    started = [PoolEndpoint(f"e{i}") for i in range(3)]
-    for endpoint in started:
-        await endpoint.start()
-    yield started
-    for endpoint in started:
-        await endpoint.stop()
-
-
-@pytest.fixture
-async def pool(
-    start_service: StartService, endpoints: list[PoolEndpoint]
-) -> AsyncIterator[tuple[Service, Any]]:
-    service = await start_service(endpoints=[e.address for e in endpoints])
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
-    yield service, pb_grpc.ExternalProcessorStub(channel)
-    await channel.close()
+async def pool(open_pool: OpenPool) -> tuple[Service, Any]:
+    return await open_pool()
 
 
 def headers_in(request_mode: str, response_mode: str, workload: str = "a") -> Any:
@@ -186,29 +170,27 @@ async def test_every_body_mode_picks_passes_bodies_unchanged_and_counts_once(
 
 @pytest.mark.parametrize("request_mode", BUFFERED)
 async def test_a_buffered_body_held_in_the_queue_is_answered_when_released(
-    start_service: StartService, endpoints: list[PoolEndpoint], request_mode: str
+    open_pool: OpenPool, request_mode: str
 ) -> None:
-    service = await start_service(endpoints=[e.address for e in endpoints], max_concurrency=1)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
-        stub = pb_grpc.ExternalProcessorStub(channel)
-        body = b'{"model": "m", "prompt": "hi"}'
-        running = stub.Process()
-        await play_request(running, request_mode, body, headers_in(request_mode, "NONE"))
-        held = stub.Process()
-        await held.write(headers_in(request_mode, "NONE", "b"))
-        assert decision(await held.read(), "request_headers") == {}
-        await held.write(request_body(body, end_of_stream=True))
-        hold = await held.read()
-        assert hold.HasField("override_message_timeout")
-        await eventually(lambda: service.flow.queued == 1)
-        assert counts(service, "b") == (1, 0, 1)  # new, not yet dispatched
-        await play_response(running, "NONE")
-        routed = decision(await held.read(), "request_body")
-        assert routed["x-workload-id"] == "b"
-        assert counts(service, "b") == (1, 1, 1)
-        await play_response(held, "NONE")
-        assert counts(service, "b") == (1, 1, 0)
-        assert service.flow.in_flight == 0
+    service, stub = await open_pool(max_concurrency=1)
+    body = b'{"model": "m", "prompt": "hi"}'
+    running = stub.Process()
+    await play_request(running, request_mode, body, headers_in(request_mode, "NONE"))
+    held = stub.Process()
+    await held.write(headers_in(request_mode, "NONE", "b"))
+    assert decision(await held.read(), "request_headers") == {}
+    await held.write(request_body(body, end_of_stream=True))
+    hold = await held.read()
+    assert hold.HasField("override_message_timeout")
+    await eventually(lambda: service.flow.queued == 1)
+    assert counts(service, "b") == (1, 0, 1)  # new, not yet dispatched
+    await play_response(running, "NONE")
+    routed = decision(await held.read(), "request_body")
+    assert routed["x-workload-id"] == "b"
+    assert counts(service, "b") == (1, 1, 1)
+    await play_response(held, "NONE")
+    assert counts(service, "b") == (1, 1, 0)
+    assert service.flow.in_flight == 0
 
 
 @pytest.mark.parametrize("request_mode", BUFFERED)

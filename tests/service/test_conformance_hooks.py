@@ -4,39 +4,13 @@ does, and the response headers' answer reports the endpoint that served."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
-import pytest
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-
 from extproc.service import epp
-from extproc.service.app import Service
-from tests.conftest import StartService
+from tests.service.conftest import OpenPool
 from tests.service.test_epp import destination, open_request, with_subset
 from tests.support.extproc_client import duplex_headers, eventually, response_headers
 from tests.support.pool_endpoint import PoolEndpoint
-
-
-@pytest.fixture
-async def endpoints() -> AsyncIterator[list[PoolEndpoint]]:
-    started = [PoolEndpoint(f"e{i}") for i in range(3)]
-    for endpoint in started:
-        await endpoint.start()
-    yield started
-    for endpoint in started:
-        await endpoint.stop()
-
-
-async def stub_for(
-    start_service: StartService, endpoints: list[PoolEndpoint], **kw: Any
-) -> tuple[Service, grpc.aio.Channel, Any]:
-    service = await start_service(
-        endpoints=[e.address for e in endpoints], picker="round-robin", **kw
-    )
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
-    return service, channel, pb_grpc.ExternalProcessorStub(channel)
 
 
 def selecting(value: str) -> Any:
@@ -73,9 +47,9 @@ async def served_report(stub: Any, lb: dict[str, str] | None) -> dict[str, str]:
 
 
 async def test_with_the_hooks_the_header_selects_the_endpoint_and_the_served_one_is_reported(
-    start_service: StartService, endpoints: list[PoolEndpoint]
+    open_pool: OpenPool, endpoints: list[PoolEndpoint]
 ) -> None:
-    service, channel, stub = await stub_for(start_service, endpoints, conformance_test_hooks=True)
+    service, stub = await open_pool(picker="round-robin", conformance_test_hooks=True)
     one, two = endpoints[1].address, endpoints[2].address
     assert await picks(stub, selecting(one)) == {one}
     assert await picks(stub, selecting(f" {one} , {two}")) == {one, two}
@@ -94,14 +68,12 @@ async def test_with_the_hooks_the_header_selects_the_endpoint_and_the_served_one
     assert missing[report] == "fail: missing destination endpoint served metadata"
     assert (await served_report(stub, None))[report] == "fail: missing envoy lb metadata"
     await eventually(lambda: service.flow.in_flight == 0)
-    await channel.close()
 
 
 async def test_without_the_hooks_the_header_steers_nothing(
-    start_service: StartService, endpoints: list[PoolEndpoint]
+    open_pool: OpenPool, endpoints: list[PoolEndpoint]
 ) -> None:
-    service, channel, stub = await stub_for(start_service, endpoints)
+    service, stub = await open_pool(picker="round-robin")
     assert await picks(stub, selecting(endpoints[1].address)) == {e.address for e in endpoints}
     assert await served_report(stub, {epp.SERVED_KEY: endpoints[2].address}) == {}
     await eventually(lambda: service.flow.in_flight == 0)
-    await channel.close()

@@ -2,17 +2,14 @@
 in header and envoy.lb metadata alike, the gateway's subset hint, 503 when nothing is
 eligible, and the served endpoint taking over the request's accounting."""
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import pytest
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
 from extproc.service import epp
 from extproc.service.app import Service
-from tests.conftest import StartService
+from tests.service.conftest import OpenPool
 from tests.support.extproc_client import (
     duplex_headers,
     eventually,
@@ -25,23 +22,8 @@ from tests.support.pool_endpoint import PoolEndpoint
 
 
 @pytest.fixture
-async def endpoints() -> AsyncIterator[list[PoolEndpoint]]:
-    started = [PoolEndpoint(f"e{i}") for i in range(3)]
-    for endpoint in started:
-        await endpoint.start()
-    yield started
-    for endpoint in started:
-        await endpoint.stop()
-
-
-@pytest.fixture
-async def pool_service(
-    start_service: StartService, endpoints: list[PoolEndpoint]
-) -> AsyncIterator[tuple[Service, Any]]:
-    service = await start_service(endpoints=[e.address for e in endpoints], picker="round-robin")
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
-    yield service, pb_grpc.ExternalProcessorStub(channel)
-    await channel.close()
+async def pool_service(open_pool: OpenPool) -> tuple[Service, Any]:
+    return await open_pool(picker="round-robin")
 
 
 def with_subset(message: Any, subset: list[str] | str) -> Any:
@@ -76,15 +58,11 @@ def in_flight(service: Service) -> dict[str, int]:
 
 @pytest.mark.parametrize(("fallbacks", "named"), [(0, 1), (2, 3)])
 async def test_header_and_metadata_name_the_same_endpoints_primary_first(
-    start_service: StartService, endpoints: list[PoolEndpoint], fallbacks: int, named: int
+    open_pool: OpenPool, endpoints: list[PoolEndpoint], fallbacks: int, named: int
 ) -> None:
     # One endpoint unless fallbacks are asked for: ORIGINAL_DST parses one ip:port.
     addresses = {e.address for e in endpoints}
-    service = await start_service(
-        endpoints=sorted(addresses), picker="round-robin", fallbacks=fallbacks
-    )
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
-    stub = pb_grpc.ExternalProcessorStub(channel)
+    service, stub = await open_pool(picker="round-robin", fallbacks=fallbacks)
     primaries = []
     streams = []
     for _ in range(6):
@@ -102,7 +80,6 @@ async def test_header_and_metadata_name_the_same_endpoints_primary_first(
     for stream in streams:
         stream.cancel()
     await eventually(lambda: sum(in_flight(service).values()) == 0)
-    await channel.close()
 
 
 @pytest.mark.parametrize("form", ["list", "comma-string"])
