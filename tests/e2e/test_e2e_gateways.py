@@ -2,9 +2,11 @@
 config the gateway generates (tests/support/gateway_envoy.py: Envoy AI Gateway /
 kgateway, ORIGINAL_DST + TLS to the picker, bodies full-duplex or buffered) and on our
 own override-host file (envoy/envoy-pool.yaml), the real service, three model servers.
-Each: 30 distinct prompts all answered 200 by the endpoint named, a 512 KiB body
-intact, SSE streamed where the response body streams, prefix affinity (every style
-here sends the body before the answer is due), every count back to zero."""
+The same generated config with STREAMED and NONE bodies too (modes Envoy can be
+configured with, though no gateway generates them). Each: 30 distinct prompts all
+answered 200 by the endpoint named, a 512 KiB body intact, SSE streamed where the
+response body streams, prefix affinity where the body arrives before the answer is
+due (none elsewhere), every count back to zero."""
 
 from __future__ import annotations
 
@@ -27,11 +29,15 @@ pytestmark = pytest.mark.e2e
 
 STYLES = {
     # style: (body mode of the generated config, None for envoy-pool.yaml; whether the
-    # response body streams)
-    "ai-gateway-duplex": ("FULL_DUPLEX_STREAMED", True),
-    "ai-gateway-buffered": ("BUFFERED", False),
-    "ai-gateway-buffered-partial": ("BUFFERED_PARTIAL", False),
-    "override-host": (None, True),
+    # response body streams; whether the body arrives before the answer is due)
+    "ai-gateway-duplex": ("FULL_DUPLEX_STREAMED", True, True),
+    "ai-gateway-buffered": ("BUFFERED", False, True),
+    "ai-gateway-buffered-partial": ("BUFFERED_PARTIAL", False, True),
+    "override-host": (None, True, True),
+    # Not what the gateways generate, but a mode Envoy can be configured with: the
+    # pick still works, without the prompt.
+    "streamed": ("STREAMED", True, False),
+    "no-bodies": ("NONE", True, False),
 }
 MakeStack = Callable[..., Awaitable[PoolStack]]
 SHARED = "You are a careful assistant who answers in one short paragraph. " * 11  # ~700 B
@@ -40,7 +46,7 @@ SHARED = "You are a careful assistant who answers in one short paragraph. " * 11
 @pytest.fixture
 def make_stack(make_pool_stack: MakePoolStack, tmp_path: Path) -> MakeStack:
     async def make(style: str, **settings: object) -> PoolStack:
-        body_mode, _ = STYLES[style]
+        body_mode, _, _ = STYLES[style]
         if body_mode is None:
             return await make_pool_stack(**settings)
         # The gateways dial the picker with TLS and verify nothing.
@@ -65,7 +71,7 @@ async def test_a_gateway_style_routes_every_request_to_the_endpoint_named(
     make_stack: MakeStack, style: str
 ) -> None:
     stack = await make_stack(style)
-    _, streams_response = STYLES[style]
+    _, streams_response, reads_prompt = STYLES[style]
 
     # 30 distinct prompts: all 200, each served by the one endpoint the picker named.
     answers = await asyncio.gather(
@@ -100,16 +106,20 @@ async def test_a_gateway_style_routes_every_request_to_the_endpoint_named(
         assert arrivals[-1] - arrivals[0] > 0.6  # buffered, all would come at once
     await settled(stack)
 
-    # Prefix affinity: the body arrives before the answer, so a shared ~700-byte
-    # prompt goes where the first one went.
+    # Prefix affinity where the body arrives before the answer: a shared ~700-byte
+    # prompt goes where the first one went. Elsewhere the pick has no prompt.
     hits_before = sum(e.prefix_hits for e in pool_status(stack))
     served = []
     for index in range(6):
         status, answer = await stack.complete("a", {"model": "m", "prompt": f"{SHARED}q{index}"})
         assert status == 200, answer
         served.append(answer["endpoint"])
-    assert len(set(served)) == 1, served
-    assert sum(e.prefix_hits for e in pool_status(stack)) - hits_before == 5
+    hits = sum(e.prefix_hits for e in pool_status(stack)) - hits_before
+    if reads_prompt:
+        assert len(set(served)) == 1, served
+        assert hits == 5
+    else:
+        assert hits == 0
     await settled(stack)
     totals = stack.service.reader.get("a")
     assert totals is not None
