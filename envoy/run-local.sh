@@ -28,7 +28,9 @@ if [ "${ENDPOINTS:-0}" = 3 ]; then
     "$BIN/extproc" demo-backend --listen "127.0.0.1:800$i" --concurrency 4 \
       --speed "$((1 << (i - 1)))" --prefix-cache-blocks 256 &
   done
-  GATE=(--endpoints 127.0.0.1:8001,127.0.0.1:8002,127.0.0.1:8003 --policy fair-share)
+  # --fallbacks 2: override-host retries a connection failure on the next endpoint named.
+  GATE=(--endpoints 127.0.0.1:8001,127.0.0.1:8002,127.0.0.1:8003 --policy fair-share
+        --fallbacks 2)
   CONFIG=envoy/envoy-pool.yaml
 elif [ "${ENDPOINTS:-0}" != 0 ]; then
   echo "ENDPOINTS must be 3 (or unset)" >&2; exit 2
@@ -95,8 +97,10 @@ workload-extproc is running behind Envoy. Try:
 With ENDPOINTS=3, see where each request went (x-served-by is the endpoint Envoy
 routed to, the one the service named in x-gateway-destination-endpoint):
 
+  # a ~700-byte shared prompt (eleven 64-byte blocks) then a question: prefix affinity
+  P=$(printf 'You are a careful assistant who answers briefly. %.0s' $(seq 14))
   for i in $(seq 6); do curl -s -o /dev/null -D - -H 'content-type: application/json' \
-    -d '{"model": "demo", "prompt": "the same long shared prefix, then question '$i'", "max_tokens": 8}' \
+    -d '{"model": "demo", "prompt": "'"$P"'question '$i'", "max_tokens": 8}' \
     http://127.0.0.1:10000/v1/completions | grep -i x-served-by; done
   curl -s http://127.0.0.1:9003/v1/endpoints      # picks, prefix hits, load per endpoint
 

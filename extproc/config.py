@@ -180,6 +180,19 @@ class Settings(BaseSettings):
     endpoint_max_in_flight: int = Field(
         0, ge=0, description="pool: requests in flight per endpoint at most; 0 = no ceiling"
     )
+    fallbacks: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="pool: endpoints named after the primary, for the data plane's retries; "
+        "a list needs override-host routing (envoy-pool.yaml): ORIGINAL_DST takes one",
+    )
+    conformance_test_hooks: bool = Field(
+        False,
+        description="pool: honour the Gateway API Inference Extension conformance suite's "
+        "test-epp-endpoint-selection request header and report "
+        "x-conformance-test-served-endpoint; never in production (any client could steer)",
+    )
     endpoint_metrics_path: str = Field(
         "/metrics", pattern=r"^/", description="pool: each endpoint's Prometheus page"
     )
@@ -262,7 +275,8 @@ class Settings(BaseSettings):
         DEFAULT_MAX_BODY_BYTES,
         ge=0,
         le=1 << 30,
-        description="full-duplex bodies: read the OpenAI JSON request body up to this size; "
+        description="full-duplex and buffered bodies: read the OpenAI JSON request body up "
+        "to this size; "
         "a larger one is forwarded unchanged and picked without its prompt",
     )
     criticality_weights: str = Field(

@@ -213,7 +213,7 @@ class EndpointPool(Protocol):
         ...
 
     def pick(self, pick: PickRequest | None) -> tuple[str, ...]:
-        """Primary ("ip:port", charged one request in flight), then up to two fallbacks.
+        """Primary ("ip:port", charged one request in flight), then the fallbacks configured.
 
         Called only after `has_room` said yes for the same request."""
         ...

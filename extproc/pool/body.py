@@ -1,6 +1,6 @@
 """The OpenAI-style request body, as far as picking an endpoint needs it.
 
-The stream handler collects the request body's chunks (full-duplex mode)
+The stream handler collects the request body's chunks (full-duplex and buffered modes)
 into a `BodyBuffer` up to `--max-body-bytes` and reads it once complete.
 What it reads (`model`, the prompt text, `stream`, `max_tokens`) only informs
 the pick (prefix affinity) and the token estimate; the body itself is always

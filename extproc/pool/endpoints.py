@@ -73,6 +73,7 @@ class Endpoint:
         "address",
         "discovered_ready",
         "failing",
+        "host",
         "options",
         "picked",
         "prefix",
@@ -83,6 +84,9 @@ class Endpoint:
 
     def __init__(self, address: str, options: EndpointOptions, clock: Clock) -> None:
         self.address = address
+        self.host = address.rpartition(":")[0]
+        """The address without its port ("[v6]" bracketed): a bare IP in a subset hint
+        names the endpoint on any port."""
         self.options = options
         self.server = ServerLoad(clock, options.saturation)
         self.discovered_ready = True

@@ -5,7 +5,8 @@
 - `scored`: the weighted sum of the scorers (`scorers`), GIE's default profile.
 Every picker returns one number per endpoint, higher better; the pool takes
 the best endpoint with room as the primary (ties broken at random, by an
-injectable RNG) and the next two as fallbacks for the data plane's retries.
+injectable RNG) and, when asked for (`--fallbacks`), the next best as fallbacks for
+the data plane's retries.
 """
 
 from __future__ import annotations

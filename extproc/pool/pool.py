@@ -9,7 +9,8 @@ every count taken is given back.
 A pick (`contracts.EndpointPool.pick`): the ready endpoints the request may
 use are ranked by the picker (ties broken at random by the injected RNG, for
 the primary and the fallbacks alike); the best one with room is the primary
-and is charged the request; the next two best are the fallbacks. A pick
+and is charged the request; the next `fallbacks` best (0 unless configured:
+a list routes only with override-host) are the fallbacks. A pick
 never fails: `has_room` and `pick` read the clock apart, so should no
 candidate have room (or be ready) at the pick's instant, the best ready one
 (else the best listed one) is the primary -- one request over an endpoint's
@@ -30,7 +31,6 @@ from extproc.pool.endpoints import Endpoint, EndpointOptions, EndpointSnapshot
 from extproc.pool.picker import Picker
 from extproc.pool.prefix import BlockHasher
 
-FALLBACKS = 2
 _NONE = float("-inf")
 """Marks a score out of the running (no room, already ranked); real scores are finite
 (scrapes with NaN or infinity are refused: `capacity.saturation.parse_reading`)."""
@@ -49,6 +49,11 @@ def _nothing() -> None:
     pass
 
 
+def _allowed(endpoint: Endpoint, subset: frozenset[str]) -> bool:
+    """A subset names an endpoint by "ip:port", or by its bare IP (any port)."""
+    return endpoint.address in subset or endpoint.host in subset
+
+
 class EndpointPool:
     def __init__(
         self,
@@ -58,8 +63,10 @@ class EndpointPool:
         *,
         rng: random.Random | None = None,
         hasher: BlockHasher | None = None,
+        fallbacks: int = 0,
     ) -> None:
         self._clock = clock
+        self._fallbacks = fallbacks
         self.picker = picker
         self.options = options or EndpointOptions()
         self._rng = rng or random.Random()
@@ -173,11 +180,6 @@ class EndpointPool:
                 roomy = scores.copy()
         chosen = self._best(roomy, 1)[0]
         primary = candidates[chosen]
-        # Fallbacks: the next best, room or not (they are retries).
-        rest = scores.copy()
-        rest[chosen] = _NONE
-        ranked = self._best(rest, min(FALLBACKS, len(rest) - 1))
-        fallbacks = [candidates[i].address for i in ranked]
         self.picker.picked(primary)
         primary.picked += 1
         if hashes:
@@ -185,7 +187,13 @@ class EndpointPool:
                 primary.prefix_hits += 1
             primary.prefix.record(hashes)
         primary.on_dispatch()
-        return (primary.address, *fallbacks)
+        if not self._fallbacks:
+            return (primary.address,)
+        # Fallbacks: the next best, room or not (they are retries).
+        rest = scores.copy()
+        rest[chosen] = _NONE
+        ranked = self._best(rest, min(self._fallbacks, len(rest) - 1))
+        return (primary.address, *(candidates[i].address for i in ranked))
 
     def move(self, old: str, new: str, started: bool) -> bool:
         target = self._endpoints.get(new)
@@ -233,7 +241,7 @@ class EndpointPool:
         return best
 
     def _listed(self, subset: frozenset[str] | None) -> list[Endpoint]:
-        return [e for e in self._ordered if subset is None or e.address in subset]
+        return [e for e in self._ordered if subset is None or _allowed(e, subset)]
 
     def _candidates(self, subset: frozenset[str] | None, now: float) -> list[Endpoint]:
         if subset is None:
@@ -243,7 +251,7 @@ class EndpointPool:
                 for e in self._ordered
                 if e.discovered_ready and (e.unreachable_since is None or e.ready(now))
             ]
-        return [e for e in self._ordered if e.address in subset and e.ready(now)]
+        return [e for e in self._ordered if _allowed(e, subset) and e.ready(now)]
 
     # -- reading ----------------------------------------------------------
 

@@ -166,6 +166,7 @@ class Service:
             hold_timeout=settings.queue_timeout + HOLD_MARGIN,
             overflow_when_full=settings.on_registry_full == "overflow",
             pick_endpoints=settings.endpoints_configured,
+            conformance_hooks=settings.conformance_test_hooks,
             max_body_bytes=settings.max_body_bytes,
             count_tokens=settings.policy == "fair-share" and settings.fair_share_cost == "tokens",
             workloads=self.workloads,
@@ -381,7 +382,7 @@ def make_pool(settings: Settings, clock: Clock) -> EndpointPool | None:
     if not settings.endpoints_configured:
         return None
     picker = make_picker(settings.picker, ScorerWeights.parse(settings.scorers))
-    pool = EndpointPool(clock, picker, settings.endpoint_options())
+    pool = EndpointPool(clock, picker, settings.endpoint_options(), fallbacks=settings.fallbacks)
     if settings.endpoints:
         add_static(pool, settings.endpoints)
     return pool

@@ -1,19 +1,37 @@
 """The ext_proc stream handler: one gRPC stream per HTTP request, three tracking points.
 
 Envoy opens `ExternalProcessor.Process` for every HTTP request. The request is
-held simply by not answering its `request_headers` yet. Two body modes, told
-apart by what Envoy sends (`protocol_config` on the stream's first message),
-never by configuration:
-- trailer mode (bundled envoy.yaml): bodies are not sent; Envoy waits for one
-  answer per message, and response trailers mark the response's last byte.
-- full-duplex mode (FULL_DUPLEX_STREAMED body, as InferencePool gateways
-  configure an endpoint picker; each direction's mode is read apart, so a
-  response body is echoed only when the response side is full-duplex): Envoy
-  sends the headers and every body chunk without waiting. The handler reads the request body (up to
-  `max_body_bytes`, for the prompt and the token estimate), answers the
-  headers when the queue has decided, then hands every body chunk back itself
-  as a `streamed_response`, in order, the response body's chunks likewise.
-  Bytes are never altered: each chunk goes back exactly as it came.
+held simply by not answering the message that carries the decision yet. Each
+direction's body mode (NONE, STREAMED, BUFFERED, BUFFERED_PARTIAL,
+FULL_DUPLEX_STREAMED) is read apart from what Envoy sends (`protocol_config`
+on the stream's first message), never from configuration. The request's mode
+decides which message's answer carries the decision (*dispatched*, or the
+rejection), and whether the pick reads the prompt:
+- NONE (bundled envoy.yaml: bodies not sent, response trailers mark the last
+  byte) and STREAMED: the `request_headers` answer. The body comes, if at all,
+  only after it, so the pick has no prompt (no prefix affinity, no token
+  estimate); STREAMED body chunks are answered one by one, unchanged.
+- BUFFERED and BUFFERED_PARTIAL (Envoy AI Gateway's `buffered` annotation,
+  kgateway): Envoy sends the body, whole (or up to its buffer limit), as ONE
+  `request_body` message only after the headers are answered, and holds the
+  request headers until that message is answered. So the headers get a plain
+  CONTINUE at once, the body is read for the prompt, and the `request_body`
+  answer carries the decision: its CommonResponse's header mutation (which
+  Envoy applies to the request headers it still holds -- the API documents this
+  for BUFFERED; BUFFERED_PARTIAL measured alike end to end with Envoy 1.40) and
+  the ProcessingResponse's `dynamic_metadata`. No body mutation: the body goes
+  on as it came. A request with no body (headers with end_of_stream) is
+  answered at its headers; should trailers come instead of a body message,
+  their answer carries the decision as metadata alone (trailers carry no
+  request header mutation).
+- FULL_DUPLEX_STREAMED (what InferencePool gateways configure by default):
+  Envoy sends the headers and every body chunk without waiting. The handler
+  reads the request body (up to `max_body_bytes`, for the prompt and the token
+  estimate), and the `request_headers` answer carries the decision; then it
+  hands every body chunk back itself as a `streamed_response`, in order.
+The response's mode only decides how its body is answered: a full-duplex body
+is echoed chunk by chunk (SSE keeps streaming), STREAMED chunks and a BUFFERED
+body get plain answers (unchanged), NONE sends none. Bytes are never altered.
 
 Per stream, in order:
 1. `request_headers`: read the workload context (a bad one is answered 400 at
@@ -21,7 +39,8 @@ Per stream, in order:
    does not allow: 403, never tracked; a criticality above the workload's
    bound: clamped), then *new* (`workload_handle_new_request`). A new
    workload the full registry cannot take is answered 429 `registry-full`, or
-   tracked as the shared `overflow` workload. In full-duplex mode the body is
+   tracked as the shared `overflow` workload. In the buffered modes the headers
+   are answered CONTINUE and the one body message read. In full-duplex mode the body is
    read first (until its end, or until it passes `max_body_bytes`), with no
    hold sent: Envoy (1.40, measured end to end) runs no message timeout while
    a full-duplex body arrives -- a body 1 s slow behind a 0.2 s timeout went
@@ -32,12 +51,13 @@ Per stream, in order:
    timeout (meant to catch a hung processor) does not fire while the request
    waits its turn: one hold per stream at most.
 2. The queue decides. DISPATCHED -> *dispatched*
-   (`workload_handle_dispatched_request` with the queue wait) and CONTINUE with
+   (`workload_handle_dispatched_request` with the queue wait) and, in the
+   answer to the message named above for the request's mode, CONTINUE with
    `x-workload-id` and `x-workload-queue-wait-ms` added upstream and, when
    picking, the Endpoint Picker Protocol answer (`epp`). Anything else -> an
    ImmediateResponse from `outcomes` (429/503 with a dropped-reason header:
    queue-full, workload-limit, shed, queue-timeout, shutdown, no-endpoint).
-   In trailer mode, when the capacity gate learns from latency (`adaptive`),
+   With neither body sent, when the capacity gate learns from latency (`adaptive`),
    the answer also asks Envoy (`mode_override`) for this response's headers,
    whose arrival is the dispatch-to-first-byte sample.
 3. *completed* (`workload_handle_completed_request`), exactly once per tracked
@@ -47,7 +67,8 @@ Per stream, in order:
    same place) gives the request back to the endpoint it was accounted to,
    which `Ticket.served` moves to the endpoint the data plane reports. With
    fair-share's `tokens` cost, a response that completes first reports its
-   `usage` (read from the echoed response body; None in trailer mode).
+   `usage` (read from the response body in any mode that sends it; None
+   with NONE).
 
 Await points and cancellation. Envoy resets the stream when the client goes
 away or the backend resets, and grpc.aio raises `CancelledError` in this
@@ -56,7 +77,9 @@ handler wherever it is suspended; `finally` then completes the request, and
 - `_Stream.next` (reading the next message, including the full-duplex body
   read before enqueueing): cancelled, the read is abandoned with the stream.
   The stream ending instead (None) ends the handler.
-- `Ticket.wait` in trailer mode: the ticket leaves the queue (or, if the queue
+- `_read_buffered` (the one buffered body message): cancelled or ended, the
+  request is counted out never having been enqueued.
+- `Ticket.wait` outside full-duplex: the ticket leaves the queue (or, if the queue
   released it in that instant, gives its slot to the next request).
 - The full-duplex hold, `asyncio.wait` on the ticket and the next message at
   once: Envoy keeps sending body chunks while the request is held, and the
@@ -73,7 +96,8 @@ handler wherever it is suspended; `finally` then completes the request, and
   cancels its task on `Ticket.wait` and `finally` cancels the pending read; a
   ticket the queue released in that instant is recorded as client-gone (its
   answer never went out) and `finally` frees its slot.
-- `yield` (the hold, the answer, the echo): cancelled at one, `finally`
+- `yield` (the buffered modes' early CONTINUE, the hold, the answer, the echo):
+  cancelled at one, `finally`
   completes the request.
 Nowhere else does this handler await, so no path skips the `finally`. And when
 grpc.aio ends the RPC without finalising the generator (a failed write leaves it
@@ -115,10 +139,17 @@ WORKLOAD_ID_HEADER = "x-workload-id"
 QUEUE_WAIT_HEADER = "x-workload-queue-wait-ms"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _SEND = processing_mode_pb2.ProcessingMode.SEND
+_NO_BODY = processing_mode_pb2.ProcessingMode.NONE
 _FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+_BUFFERED = frozenset(
+    (
+        processing_mode_pb2.ProcessingMode.BUFFERED,
+        processing_mode_pb2.ProcessingMode.BUFFERED_PARTIAL,
+    )
+)
 
-# Answers for the phases this service passes through unchanged (trailer mode, and
-# trailers in either mode).
+# Answers for the phases this service passes through unchanged (bodies not full-duplex,
+# and trailers in any mode).
 _PASS_THROUGH = {
     "request_body": pb.ProcessingResponse(request_body=pb.BodyResponse()),
     "request_trailers": pb.ProcessingResponse(request_trailers=pb.TrailersResponse()),
@@ -130,20 +161,25 @@ _PASS_THROUGH = {
 # --max-body-bytes; past that the handler stops reading until the answer.
 _HELD_BUFFER_LIMITS = 2
 _REQUEST_HEADERS_CONTINUE = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+_HEADER_MUTABLE = frozenset(("request_headers", "request_body"))
+"""The answers whose header mutation reaches the request headers."""
 
 
 class _Exchange:
     """One HTTP request's state, private to its stream."""
 
     __slots__ = (
+        "answer_at",
         "answered",
         "body",
         "completed",
         "duplex",
         "echo",
         "echo_bytes",
+        "no_bodies",
         "request_done",
         "response_duplex",
+        "response_mode",
         "started",
         "subset",
         "ticket",
@@ -163,6 +199,15 @@ class _Exchange:
         self.response_duplex = False
         """The response body comes full-duplex (echoed); Envoy sets each direction's
         mode apart."""
+        self.response_mode = _NO_BODY
+        """The response body's mode (protocol_config)."""
+        self.no_bodies = True
+        """Neither body is sent (trailer mode): the only mode a `mode_override` (which
+        replaces the whole mode) leaves as it was configured."""
+        self.answer_at = "request_headers"
+        """The request message whose answer carries the queue's decision: the
+        buffered body's (or, with no body message, its trailers') in the buffered
+        modes."""
         self.subset: frozenset[str] | None = None
         self.body: BodyBuffer | None = None
         self.echo: list[Any] = []
@@ -228,6 +273,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         overflow_when_full: bool = True,
         workloads: Workloads | None = None,
         pick_endpoints: bool = False,
+        conformance_hooks: bool = False,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         count_tokens: bool = False,
         request_log: RequestLog | None = None,
@@ -241,6 +287,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         self._clock = clock
         self._metrics = metrics
         self._pick = pick_endpoints
+        self._conformance = pick_endpoints and conformance_hooks
         self._max_body = max_body_bytes
         self._count_tokens = count_tokens
         self._log = request_log or RequestLog()
@@ -267,7 +314,12 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 if phase == "request_headers":
                     response = self._admit(message, exchange)
                     if response is None:
-                        if not await self._read_body(stream, exchange):
+                        if exchange.answer_at != "request_headers":
+                            # A buffered body comes only once the headers are answered.
+                            yield _REQUEST_HEADERS_CONTINUE
+                            if not await self._read_buffered(stream, exchange):
+                                return
+                        elif not await self._read_body(stream, exchange):
                             return
                         response = self._enqueue(exchange)
                     if response is None:
@@ -283,6 +335,9 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 if not phase:
                     continue
                 self._observe(message, phase, exchange)
+                if self._conformance and phase == "response_headers":
+                    yield epp.served_report(message)
+                    continue
                 yield _pass_on(message, phase, exchange)
         finally:
             stream.close()
@@ -317,7 +372,9 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         headers = message.request_headers
         modes = message.protocol_config
         exchange.duplex = modes.request_body_mode == _FULL_DUPLEX
+        exchange.response_mode = modes.response_body_mode
         exchange.response_duplex = modes.response_body_mode == _FULL_DUPLEX
+        exchange.no_bodies = modes.request_body_mode == modes.response_body_mode == _NO_BODY
         try:
             workload = self._parser.parse(_context_headers(headers.headers, self._context_headers))
         except ContextError as error:
@@ -345,9 +402,13 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         exchange.workload = workload
         if self._pick:
             exchange.subset = epp.subset_hint(message)
+            if self._conformance:
+                exchange.subset = epp.test_selection(message) or exchange.subset
         # Trailer mode reads no body: nothing to wait for before enqueueing.
         exchange.request_done = not exchange.duplex or bool(headers.end_of_stream)
-        if exchange.duplex:
+        if modes.request_body_mode in _BUFFERED and not headers.end_of_stream:
+            exchange.answer_at = "request_body"
+        if exchange.duplex or exchange.answer_at != "request_headers":
             exchange.body = BodyBuffer(self._max_body)
         return None
 
@@ -360,6 +421,20 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
             if message is None:
                 return False
             self._take(message, exchange)
+        return True
+
+    async def _read_buffered(self, stream: _Stream, exchange: _Exchange) -> bool:
+        """Buffered modes: take the body, one message, which Envoy sends once the headers
+        are answered and holds until its own answer. False when the stream ended first."""
+        message = await stream.next()
+        if message is None:
+            return False
+        phase = message.WhichOneof("request")
+        if phase == "request_body" and exchange.body is not None:
+            exchange.body.add(message.request_body.body)
+        # Should anything but the body come (trailers, no body message), its answer
+        # carries the decision instead.
+        exchange.answer_at = phase or "request_body"
         return True
 
     def _may_read(self, exchange: _Exchange, limits: int) -> bool:
@@ -396,7 +471,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 tokens=estimate(request) if self._count_tokens else None,
             )
         )
-        if self._count_tokens and exchange.response_duplex:
+        if self._count_tokens and exchange.response_mode != _NO_BODY:
             exchange.usage = UsageReader(self._max_body)
         return None if exchange.ticket.outcome is None else self._answer(exchange)
 
@@ -440,9 +515,10 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 workload.workload_id, ticket.wait_time
             )
             return _dispatched(
+                exchange.answer_at,
                 workload.workload_id,
                 ticket.wait_time,
-                self._first_byte and not exchange.duplex,
+                self._first_byte and exchange.no_bodies,
                 ticket.endpoints,
             )
         assert ticket.outcome is not None
@@ -522,12 +598,21 @@ def _ends_response(message: Any, phase: str) -> bool:
 
 
 def _dispatched(
-    workload_id: str, wait_time: float, first_byte: bool, endpoints: tuple[str, ...]
+    phase: str, workload_id: str, wait_time: float, first_byte: bool, endpoints: tuple[str, ...]
 ) -> Any:
+    """The answer that lets the request go, to the `phase` message: request headers,
+    or a buffered body (whose header mutations Envoy applies to the request headers
+    it still holds). Trailers carry no request header mutation: metadata alone."""
     # Filling one message through add() is 4x cheaper than building the nested
     # messages and passing them in (measured: 2.4 us against 9.4 us).
     response = pb.ProcessingResponse()
-    headers = response.request_headers.response.header_mutation.set_headers
+    answer = getattr(response, phase)
+    if phase not in _HEADER_MUTABLE:
+        answer.SetInParent()
+        if endpoints:
+            epp.destination_metadata(response, ",".join(endpoints))
+        return response
+    headers = answer.response.header_mutation.set_headers
     _set(headers.add(), WORKLOAD_ID_HEADER, workload_id)
     _set(headers.add(), QUEUE_WAIT_HEADER, f"{wait_time * 1000:.3f}")
     if endpoints:

@@ -31,14 +31,27 @@ def test_without_a_pool_tickets_name_no_endpoint() -> None:
     assert flow.in_flight == 0
 
 
-def test_dispatch_names_a_primary_and_two_fallbacks_and_charges_the_primary() -> None:
+def test_dispatch_names_the_primary_alone_by_default() -> None:
+    # ORIGINAL_DST, as InferencePool gateways route, parses one ip:port, not a list.
     clock = VirtualClock()
-    pool = make_pool(clock, [E1, E2, E3], max_in_flight=2)
+    flow = FlowController(FcfsPolicy(), clock, pool=make_pool(clock, [E1, E2, E3]))
+    ticket = flow.enqueue(FlowRequest("a", 3))
+    assert ticket.outcome is Outcome.DISPATCHED
+    assert len(ticket.endpoints) == 1
+    ticket.close()
+
+
+@pytest.mark.parametrize("fallbacks", [1, 2, 5])
+def test_dispatch_names_a_primary_and_the_fallbacks_asked_for_and_charges_the_primary(
+    fallbacks: int,
+) -> None:
+    clock = VirtualClock()
+    pool = make_pool(clock, [E1, E2, E3], max_in_flight=2, fallbacks=fallbacks)
     flow = FlowController(FcfsPolicy(), clock, pool=pool)
     ticket = flow.enqueue(FlowRequest("a", 3))
     assert ticket.outcome is Outcome.DISPATCHED
-    assert len(ticket.endpoints) == 3
-    assert set(ticket.endpoints) == {E1, E2, E3}
+    assert len(ticket.endpoints) == min(fallbacks + 1, 3)
+    assert len(set(ticket.endpoints)) == len(ticket.endpoints)
     primary = pool.endpoint(ticket.endpoints[0])
     assert primary is not None
     assert primary.in_flight == 1

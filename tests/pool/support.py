@@ -21,6 +21,7 @@ def make_pool(
     max_in_flight: int = 0,
     seed: int = 1,
     stale_after: float = 1.0,
+    fallbacks: int = 0,
 ) -> EndpointPool:
     options = EndpointOptions(
         saturation=SaturationOptions(stale_after=stale_after),
@@ -31,6 +32,7 @@ def make_pool(
         make_picker(picker, ScorerWeights.parse(weights)),
         options,
         rng=random.Random(seed),
+        fallbacks=fallbacks,
     )
     pool.update("static", dict.fromkeys(addresses, True))
     return pool

@@ -100,10 +100,11 @@ def test_least_loaded_counts_credit_and_stale_endpoints_by_in_flight() -> None:
 
 def test_round_robin_cycles_in_address_order() -> None:
     clock = VirtualClock()
-    pool = make_pool(clock, [E3, E1, E2], picker="round-robin")
+    pool = make_pool(clock, [E3, E1, E2], picker="round-robin", fallbacks=2)
     picks = [pool.pick(None) for _ in range(4)]
     assert [p[0] for p in picks] == [E1, E2, E3, E1]
     assert picks[0] == (E1, E2, E3)
+    assert make_pool(clock, [E3, E1, E2], picker="round-robin").pick(None) == (E1,)
 
 
 def test_ties_break_at_random_with_the_injected_rng() -> None:
@@ -158,7 +159,7 @@ def test_fallback_ties_break_at_random_with_the_injected_rng() -> None:
 
     def fallbacks(seed: int) -> list[tuple[str, ...]]:
         clock = VirtualClock()
-        pool = make_pool(clock, addresses, weights="kv-cache=1", seed=seed)
+        pool = make_pool(clock, addresses, weights="kv-cache=1", seed=seed, fallbacks=2)
         return [pool.pick(None)[1:] for _ in range(40)]
 
     assert fallbacks(7) == fallbacks(7)
@@ -201,3 +202,27 @@ def test_an_endpoint_leaving_the_pool_takes_its_staleness_timer_along() -> None:
     feed(pool, clock, E2, waiting=0)
     clock.advance(5.0)
     assert len(wakes) == 3  # a listed endpoint still wakes when its reading goes stale
+
+
+@pytest.mark.parametrize(
+    ("hint", "allowed"),
+    [
+        ({"10.0.0.1:8000"}, {"10.0.0.1:8000"}),  # ip:port: that port only
+        ({"10.0.0.1"}, {"10.0.0.1:8000", "10.0.0.1:9000"}),  # bare IP: any port
+        ({"10.0.0.1:9000", "10.0.0.2"}, {"10.0.0.1:9000", "10.0.0.2:8000"}),
+        ({"[fd00::1]"}, {"[fd00::1]:8000"}),
+        ({"10.0.0.1:7"}, set()),  # no such port
+    ],
+)
+def test_a_subset_names_endpoints_by_ip_port_or_by_bare_ip(
+    hint: set[str], allowed: set[str]
+) -> None:
+    clock = VirtualClock()
+    addresses = ["10.0.0.1:8000", "10.0.0.1:9000", "10.0.0.2:8000", "[fd00::1]:8000"]
+    pool = make_pool(clock, addresses, picker="round-robin")
+    request = PickRequest(subset=frozenset(hint))
+    if not allowed:
+        assert pool.ineligible(request) is not None
+        return
+    assert pool.ineligible(request) is None
+    assert {pool.pick(request)[0] for _ in range(8)} == allowed

@@ -2,17 +2,14 @@
 in header and envoy.lb metadata alike, the gateway's subset hint, 503 when nothing is
 eligible, and the served endpoint taking over the request's accounting."""
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import pytest
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
 from extproc.service import epp
 from extproc.service.app import Service
-from tests.conftest import StartService
+from tests.service.conftest import OpenPool
 from tests.support.extproc_client import (
     duplex_headers,
     eventually,
@@ -25,23 +22,8 @@ from tests.support.pool_endpoint import PoolEndpoint
 
 
 @pytest.fixture
-async def endpoints() -> AsyncIterator[list[PoolEndpoint]]:
-    started = [PoolEndpoint(f"e{i}") for i in range(3)]
-    for endpoint in started:
-        await endpoint.start()
-    yield started
-    for endpoint in started:
-        await endpoint.stop()
-
-
-@pytest.fixture
-async def pool_service(
-    start_service: StartService, endpoints: list[PoolEndpoint]
-) -> AsyncIterator[tuple[Service, Any]]:
-    service = await start_service(endpoints=[e.address for e in endpoints], picker="round-robin")
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
-    yield service, pb_grpc.ExternalProcessorStub(channel)
-    await channel.close()
+async def pool_service(open_pool: OpenPool) -> tuple[Service, Any]:
+    return await open_pool(picker="round-robin")
 
 
 def with_subset(message: Any, subset: list[str] | str) -> Any:
@@ -74,11 +56,13 @@ def in_flight(service: Service) -> dict[str, int]:
     return {e.address: e.in_flight for e in service.pool.status().endpoints}
 
 
+@pytest.mark.parametrize(("fallbacks", "named"), [(0, 1), (2, 3)])
 async def test_header_and_metadata_name_the_same_endpoints_primary_first(
-    pool_service: tuple[Service, Any], endpoints: list[PoolEndpoint]
+    open_pool: OpenPool, endpoints: list[PoolEndpoint], fallbacks: int, named: int
 ) -> None:
-    service, stub = pool_service
+    # One endpoint unless fallbacks are asked for: ORIGINAL_DST parses one ip:port.
     addresses = {e.address for e in endpoints}
+    service, stub = await open_pool(picker="round-robin", fallbacks=fallbacks)
     primaries = []
     streams = []
     for _ in range(6):
@@ -86,7 +70,7 @@ async def test_header_and_metadata_name_the_same_endpoints_primary_first(
         header, metadata = destination(answer)
         assert header == metadata
         listed = header.split(",")
-        assert 1 <= len(listed) <= 3
+        assert len(listed) == named
         assert len(set(listed)) == len(listed)
         assert set(listed) <= addresses
         primaries.append(listed[0])
@@ -112,7 +96,33 @@ async def test_the_subset_hint_limits_the_pick(
         stream.cancel()
 
 
-@pytest.mark.parametrize("subset", [[], ["10.9.9.9:80"]])
+@pytest.mark.parametrize(
+    "hint",
+    [
+        ["10.0.0.1:80", " 10.0.0.2 ", "::1", "[fd00::2]", "", "[fd00::3]:80"],
+        "10.0.0.1:80, 10.0.0.2,,::1,[fd00::2],[fd00::3]:80",
+    ],
+)
+def test_subset_hint_forms_read_as_upstream_filters_them(hint: list[str] | str) -> None:
+    # ip:port kept as given; a bare IP in the form the pool gives an endpoint's host.
+    read = epp.subset_hint(with_subset(duplex_headers("a"), hint))
+    assert read == {"10.0.0.1:80", "10.0.0.2", "[::1]", "[fd00::2]", "[fd00::3]:80"}
+
+
+async def test_a_bare_ip_subset_allows_that_endpoint_on_any_port(
+    pool_service: tuple[Service, Any], endpoints: list[PoolEndpoint]
+) -> None:
+    # All three endpoints share 127.0.0.1: a bare IP allows each of them.
+    _, stub = pool_service
+    picked = set()
+    for _ in range(6):
+        stream, answer = await open_request(stub, with_subset(duplex_headers("a"), "127.0.0.1"))
+        picked.add(destination(answer)[0])
+        stream.cancel()
+    assert picked == {e.address for e in endpoints}
+
+
+@pytest.mark.parametrize("subset", [[], ["10.9.9.9:80"], ["127.0.0.2"]])
 async def test_an_empty_or_ineligible_subset_is_answered_503(
     pool_service: tuple[Service, Any], subset: list[str]
 ) -> None:
