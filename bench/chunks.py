@@ -257,7 +257,7 @@ def render(results: dict[tuple[str, int], list[Sample]], variants: list[str]) ->
         longest = results[(name, CHUNKS[-1])]
         per_message = statistics.median(s.us_per_request / s.messages_per_request for s in longest)
         null_message = null_message or per_message
-        if per_chunk and null_slope:  # a slope needs two lengths
+        if len(CHUNKS) > 1:  # a slope needs two lengths
             fitted = [
                 f"{per_chunk:.1f}",
                 f"{per_chunk / null_slope:.2f}x",
