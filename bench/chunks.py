@@ -257,7 +257,8 @@ def render(results: dict[tuple[str, int], list[Sample]], variants: list[str]) ->
         longest = results[(name, CHUNKS[-1])]
         per_message = statistics.median(s.us_per_request / s.messages_per_request for s in longest)
         null_message = null_message or per_message
-        if len(CHUNKS) > 1:  # a slope needs two lengths
+        spread = max(x for x, _ in points) - min(x for x, _ in points)
+        if spread >= 1:  # a slope needs messages that grow with K (not: response body NONE)
             fitted = [
                 f"{per_chunk:.1f}",
                 f"{per_chunk / null_slope:.2f}x",
