@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from ablation import start_processor  # noqa: E402
 from chunks import VARIANT_SETS, backend_h2, start_backend  # noqa: E402
-from processes import wait_for_port  # noqa: E402
+from processes import stop_all, wait_for_port  # noqa: E402
 from run import BODY  # noqa: E402
 
 from tests.support.envoy import Envoy, pool_config  # noqa: E402
@@ -64,22 +65,14 @@ async def instructions(command: list[str], chunks: int) -> int:
     backend_port, processor_port = free_port(), free_port()
     backend = await start_backend(backend_port, chunks)
     out = Path(tempfile.mkdtemp(prefix="callgrind-"))
-    argv = [
-        c.replace("{address}", f"127.0.0.1:{processor_port}").replace(
-            "{endpoint}", f"127.0.0.1:{backend_port}"
-        )
-        for c in command
-    ]
-    if "--endpoints" in argv:
-        argv += SLOW
-    env_prefix = []
-    while argv[0] == "env" or "=" in argv[0]:
-        env_prefix.append(argv.pop(0))
-    processor = await asyncio.create_subprocess_exec(
-        *env_prefix, "valgrind", "--tool=callgrind", "--instr-atstart=no",
-        f"--callgrind-out-file={out}/cg.%p", *argv,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    slow = SLOW if "--endpoints" in command else []
+    # `env NAME=VALUE python ...` execs into valgrind, so the pid stays the same.
+    split = next(i for i, c in enumerate(command) if c != "env" and "=" not in c)
+    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
+    valgrind.append(f"--callgrind-out-file={out}/cg.%p")
+    processor = await start_processor(
+        [*command[:split], *valgrind], [*command[split:], *slow], processor_port, backend_port
+    )
     try:
         for attempt in range(8):  # valgrind starts slowly
             try:
@@ -94,7 +87,7 @@ async def instructions(command: list[str], chunks: int) -> int:
         url = f"http://127.0.0.1:{proxy.port}/v1/completions"
         try:
             await post_all(url, 5)  # warm up, uninstrumented
-            pid = _valgrind_pid(processor.pid)
+            pid = processor.pid
             _control("-i", "on", pid)
             await post_all(url, 2)  # warm up the instrumented code
             _control("-z", pid)
@@ -103,10 +96,7 @@ async def instructions(command: list[str], chunks: int) -> int:
         finally:
             await proxy.stop()
     finally:
-        processor.terminate()
-        await processor.wait()
-        backend.terminate()
-        await backend.wait()
+        await stop_all(processor, backend)
     return _dumped(out)
 
 
@@ -114,11 +104,6 @@ def _dumped(out: Path) -> int:
     """Ir of the one dump asked for (cg.PID.1; cg.PID is the dump at exit)."""
     (dump,) = [p for p in out.glob("cg.*") if p.name.count(".") > 1]
     return total_ir(dump)
-
-
-def _valgrind_pid(pid: int) -> int:
-    """The valgrind'ed process: `env` execs into it, so the pid is the same."""
-    return pid
 
 
 def _control(*args: object) -> None:

@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from ablation import OTHERS_CPU, PROCESSOR_CPU, thread_cpu  # noqa: E402
-from processes import wait_for_port  # noqa: E402
+from ablation import OTHERS_CPU, PROCESSOR_CPU, start_processor, thread_cpu  # noqa: E402
+from processes import stop_all, wait_for_port  # noqa: E402
 from run import BODY, SECONDS, wrk  # noqa: E402
 
 from tests.support.envoy import Envoy, ext_proc_filter, pool_config  # noqa: E402
@@ -159,16 +159,9 @@ async def start_backend(port: int, chunks: int) -> asyncio.subprocess.Process:
 async def measure(command: list[str], chunks: int, body_none: bool = False) -> Sample:
     backend_port, processor_port = free_port(), free_port()
     backend = await start_backend(backend_port, chunks)
-    argv = [
-        c.replace("{address}", f"127.0.0.1:{processor_port}").replace(
-            "{endpoint}", f"127.0.0.1:{backend_port}"
-        )
-        for c in command
-    ]
-    processor = await asyncio.create_subprocess_exec(
-        "taskset", "-c", str(PROCESSOR_CPU), *argv,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    processor = await start_processor(
+        ["taskset", "-c", str(PROCESSOR_CPU)], command, processor_port, backend_port
+    )
     try:
         await wait_for_port(processor_port)
         config = backend_h2(pool_config(processor_port, [backend_port]))
@@ -188,10 +181,7 @@ async def measure(command: list[str], chunks: int, body_none: bool = False) -> S
         finally:
             await proxy.stop()
     finally:
-        processor.terminate()
-        await processor.wait()
-        backend.terminate()
-        await backend.wait()
+        await stop_all(processor, backend)
     requests = result["requests"]
     streams = after[STATS + "streams_started"] - stats[STATS + "streams_started"]
     sent = after[STATS + "stream_msgs_sent"] - stats[STATS + "stream_msgs_sent"]

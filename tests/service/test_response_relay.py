@@ -2,16 +2,15 @@
 chunk handed back unchanged and in order, every way out of it counted out exactly once,
 and anything but a middle chunk still answered as before."""
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from extproc.service.app import Service
 from tests.conftest import StartService
+from tests.service.test_full_duplex import active
 from tests.support.extproc_client import (
     duplex_headers,
     eventually,
@@ -24,25 +23,6 @@ from tests.support.extproc_client import (
 from tests.support.metrics_page import scrape
 
 DISPATCHED = ("extproc_requests_total", (("outcome", "dispatched"),))
-
-
-@pytest.fixture
-async def stub_for() -> AsyncIterator[Any]:
-    channels: list[grpc.aio.Channel] = []
-
-    def open_stub(service: Service) -> Any:
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
-        channels.append(channel)
-        return pb_grpc.ExternalProcessorStub(channel)
-
-    yield open_stub
-    for channel in channels:
-        await channel.close()
-
-
-def active(service: Service, workload: str) -> int:
-    status = service.reader.get(workload)
-    return status.metrics.active_requests if status else 0
 
 
 async def dispatched_stream(service: Service, stub_for: Any) -> Any:
