@@ -10,7 +10,7 @@ REPLICAS ?= 1
 ENDPOINTS ?= 0
 ARGS ?=
 
-.PHONY: all install protos run test lint format fairness-report demo-fairness pool-report bench bench-ablation clean
+.PHONY: all install protos run test lint format fairness-report demo-fairness pool-report bench bench-ablation bench-chunks clean
 
 all: install
 
@@ -44,12 +44,20 @@ bench: install
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	$(BIN)/python -m pytest bench/test_micro.py -p no:cacheprovider --benchmark-columns=median,mean,ops -s
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/chunks.py
 
-# Where the processor's CPU per request goes: each per-request step switched off in turn.
+# Where the processor's CPU per request (and per response chunk) goes: each step switched off in turn.
 bench-ablation: install
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python bench/ablation.py
 	BENCH_ABLATION_MODE=pool $(BIN)/python bench/ablation.py
+	BENCH_CHUNK_VARIANTS=ablate $(BIN)/python bench/chunks.py
+
+# The response-length axis alone (issue #26): CPU per streamed response chunk, then its ablation.
+bench-chunks: install
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python bench/chunks.py
+	BENCH_CHUNK_VARIANTS=ablate $(BIN)/python bench/chunks.py
 
 # Not part of `make test`: a flooding tenant against a light one through Envoy,
 # --policy fcfs then fair-share; per-tenant TTFT p50/p99, ITL and tokens/s.

@@ -12,6 +12,13 @@ import and before the server starts, so the shipped code carries no switches:
   handler   the whole stream handler (the null processor's loop inside our server)
   pick      pool mode: the pick (the first endpoint, charged, without scoring)
   gc        Python's cyclic garbage collector (gc.freeze() after start-up, then off)
+Per response chunk (bench/chunks.py):
+  usage     the tokens cost's read of the response body for `usage` (none found)
+  served    the served-endpoint check (the data plane's report never read)
+  firstbyte the first-byte check on response messages (never sampled)
+  echo      the echo's answer built per chunk (one prebuilt answer, empty body)
+  reuse     design B: a middle chunk's echo fills one reused answer instead of a new one
+            (renewed every 64 KiB: a protobuf arena keeps every body set into it)
 Never used by the service itself; a measuring instrument only.
 """
 
@@ -22,6 +29,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from null_processor import NullProcessor  # bench/ is this script's directory
 
 from extproc import cli
@@ -29,7 +37,9 @@ from extproc.contracts import QueuedRequest
 from extproc.flowcontrol.queue import FlowController, FlowRequest, Ticket
 from extproc.outcomes import Outcome
 from extproc.pool.pool import EndpointPool
+from extproc.pool.usage import UsageReader
 from extproc.registry.datastore import RegistryDatastore
+from extproc.service import epp
 from extproc.service import extproc as handler_module
 from extproc.service.metrics import Metrics
 
@@ -84,6 +94,73 @@ def _no_pick() -> None:
     EndpointPool.pick = pick  # type: ignore[method-assign]
 
 
+def _no_usage() -> None:
+    UsageReader.add = lambda self, chunk: None  # type: ignore[method-assign]
+    UsageReader.usage = lambda self: None  # type: ignore[method-assign]
+
+
+def _no_served() -> None:
+    epp.served_endpoint = lambda message: None
+
+
+def _no_first_byte() -> None:
+    handler_module._from_backend = lambda message: False
+
+
+def _no_echo_build() -> None:
+    # The request body is still echoed (the backend must see it); the response's
+    # chunks come back empty, with their end_of_stream.
+    build = handler_module._streamed
+    answers = {end: _prebuilt(end) for end in (False, True)}
+
+    def streamed(phase: str, chunk: Any) -> Any:
+        if phase == "response_body":
+            return answers[chunk.end_of_stream]
+        return build(phase, chunk)
+
+    handler_module._streamed = streamed
+    middle_chunk = getattr(handler_module, "_middle_chunk", None)
+    if middle_chunk is not None:  # the response loop's own echo of a middle chunk
+
+        def prebuilt_middle_chunk(message: Any, usage: Any) -> Any:
+            return middle_chunk(message, usage) and answers[False]
+
+        handler_module._middle_chunk = prebuilt_middle_chunk
+
+
+def _reuse_echo() -> None:
+    # Safe only because grpc.aio serialises an answer before the generator resumes.
+    state: dict[str, Any] = {"taken": 1 << 20}
+    original = handler_module._middle_chunk
+
+    def middle_chunk(message: Any, usage: Any) -> Any:
+        if message.WhichOneof("request") != "response_body":
+            return None
+        chunk = message.response_body
+        if chunk.end_of_stream or chunk.end_of_stream_without_message:
+            return None
+        if usage is not None:
+            usage.add(chunk.body)
+        body = chunk.body
+        if state["taken"] > 65536:
+            answer = pb.ProcessingResponse()
+            state["answer"] = answer
+            state["body"] = answer.response_body.response.body_mutation.streamed_response
+            state["taken"] = 0
+        state["taken"] += len(body)
+        state["body"].body = body
+        return state["answer"]
+
+    assert original is not None
+    handler_module._middle_chunk = middle_chunk
+
+
+def _prebuilt(end: bool) -> Any:
+    answer = pb.ProcessingResponse()
+    answer.response_body.response.body_mutation.streamed_response.end_of_stream = end
+    return answer
+
+
 def _long_switch() -> None:
     # Not a step: the GIL's switch interval 10x longer (50 ms), to test whether
     # grpc-core's threads preempting the handler is what amplifies its cost.
@@ -105,6 +182,11 @@ STEPS: dict[str, Callable[[], None]] = {
     "pick": _no_pick,
     "gc": _no_gc,
     "switch": _long_switch,
+    "usage": _no_usage,
+    "served": _no_served,
+    "firstbyte": _no_first_byte,
+    "echo": _no_echo_build,
+    "reuse": _reuse_echo,
 }
 
 

@@ -115,20 +115,28 @@ def _group(is_main: bool, name: str) -> str:
     return f"other ({name})"
 
 
-async def measure(command: list[str]) -> Sample:
-    backend_port, processor_port = free_port(), free_port()
-    backend = Envoy(backend_config(backend_port), concurrency=1)
-    await backend.start()
+async def start_processor(
+    prefix: list[str], command: list[str], processor_port: int, backend_port: int
+) -> asyncio.subprocess.Process:
+    """`command` (its {address} and {endpoint} filled in) run under `prefix`."""
     argv = [
         c.replace("{address}", f"127.0.0.1:{processor_port}").replace(
             "{endpoint}", f"127.0.0.1:{backend_port}"
         )
         for c in command
     ]
-    processor = await asyncio.create_subprocess_exec(
-        "taskset", "-c", str(PROCESSOR_CPU), *argv,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    return await asyncio.create_subprocess_exec(
+        *prefix, *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+
+
+async def measure(command: list[str]) -> Sample:
+    backend_port, processor_port = free_port(), free_port()
+    backend = Envoy(backend_config(backend_port), concurrency=1)
+    await backend.start()
+    processor = await start_processor(
+        ["taskset", "-c", str(PROCESSOR_CPU)], command, processor_port, backend_port
+    )
     try:
         await wait_for_port(processor_port)
         if POOL:

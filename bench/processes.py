@@ -45,3 +45,10 @@ async def wait_for_port(port: int) -> None:
         except OSError:
             await asyncio.sleep(0.05)
     raise RuntimeError(f"nothing listens on {port}")
+
+
+async def stop_all(*started: asyncio.subprocess.Process) -> None:
+    """Terminate the bench's own processes and wait for each."""
+    for process in started:
+        process.terminate()
+        await process.wait()

@@ -140,10 +140,12 @@ def cpu_seconds(pids: list[int]) -> float:
 BODY = '{"model": "m", "prompt": "Say something about fair queuing.", "max_tokens": 16}'
 
 
-def wrk(url: str, connections: int, delay_ms: float = 0.0, body: str = "") -> dict[str, float]:
+def wrk(
+    url: str, connections: int, delay_ms: float = 0.0, body: str = "", seconds: int = SECONDS
+) -> dict[str, float]:
     env = {**os.environ, "WRK_DELAY_MS": f"{delay_ms:.3f}", "WRK_BODY": body}
     threads = min(2, connections)
-    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{SECONDS}s", "--latency"]
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
     output = subprocess.run(
         [*command, "-s", str(LUA), url], capture_output=True, text=True, env=env, check=True
     ).stdout

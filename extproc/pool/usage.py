@@ -7,14 +7,17 @@
 - Measure (at completion): the response's `usage` object
   (`prompt_tokens`, `completion_tokens`), from a JSON body or, for a stream,
   from the last SSE `data:` event that carries one (OpenAI servers send it
-  last when `stream_options.include_usage` is set). `UsageReader` keeps the
-  whole body while it stays within its limit, and beyond that only a bounded
-  tail, which is enough for the last SSE events.
+  last when `stream_options.include_usage` is set). `UsageReader` keeps a
+  JSON body (one that opens with `{`) whole while it stays within its limit;
+  an event stream, and any body past the limit, only as its last chunks (at
+  least `_TAIL_BYTES` of them), which is where the last SSE events are: the
+  scan at the end costs the tail, not the stream's length.
 """
 
 from __future__ import annotations
 
 import json
+from collections import deque
 from typing import Any
 
 from extproc.contracts import TokenCount, clamp_tokens
@@ -41,32 +44,39 @@ def counted(input_tokens: int, output_tokens: int) -> TokenCount:
 class UsageReader:
     """A response body's chunks, read for `usage` once the body ends."""
 
-    __slots__ = ("_chunks", "_limit", "_size", "_tail")
+    __slots__ = ("_chunks", "_kept", "_limit", "_size", "_whole")
 
     def __init__(self, limit: int) -> None:
-        self._chunks: list[bytes] = []
-        self._tail = b""
+        self._chunks: deque[bytes] = deque()
+        self._kept = 0
         self._limit = limit
         self._size = 0
+        self._whole: bool | None = None
+        """Kept whole (a JSON body within the limit); None until the first byte."""
 
     def add(self, chunk: bytes) -> None:
+        if self._whole is None:
+            opening = chunk.lstrip()[:1]
+            if not opening:
+                return  # whitespace before the first byte changes no JSON document
+            self._whole = opening == b"{"
         self._size += len(chunk)
-        if self._size <= self._limit:
-            self._chunks.append(chunk)
+        self._chunks.append(chunk)
+        self._kept += len(chunk)
+        if self._whole and self._size <= self._limit:
             return
-        if self._chunks:
-            self._tail = b"".join(self._chunks)
-            self._chunks = []
-        self._tail = (self._tail + chunk)[-_TAIL_BYTES:]
+        self._whole = False
+        chunks = self._chunks
+        while self._kept - len(chunks[0]) >= _TAIL_BYTES:
+            self._kept -= len(chunks.popleft())
 
     def usage(self) -> TokenCount | None:
-        if self._chunks:
-            body = b"".join(self._chunks)
+        body = b"".join(self._chunks)
+        if self._whole:
             whole = _loads(body)
             if whole is not None:
                 return _usage_of(whole)
-            return _last_event_usage(body)
-        return _last_event_usage(self._tail)
+        return _last_event_usage(body)
 
 
 def _last_event_usage(body: bytes) -> TokenCount | None:

@@ -65,7 +65,8 @@ Per stream, in order:
    response body with end_of_stream, or -- in `finally` -- when the stream
    ends or is cancelled for any reason. Per endpoint, `Ticket.close` (in the
    same place) gives the request back to the endpoint it was accounted to,
-   which `Ticket.served` moves to the endpoint the data plane reports. With
+   which `Ticket.served` moves to the endpoint the data plane reports (read up
+   to the response's first message, which is also the first byte). With
    fair-share's `tokens` cost, a response that completes first reports its
    `usage` (read from the response body in any mode that sends it; None
    with NONE).
@@ -79,6 +80,12 @@ handler wherever it is suspended; `finally` then completes the request, and
   The stream ending instead (None) ends the handler.
 - `_read_buffered` (the one buffered body message): cancelled or ended, the
   request is counted out never having been enqueued.
+- The response body's loop (`_Stream.rest`: grpc's request iterator itself,
+  entered after the answered response headers of a dispatched request whose
+  response body is full-duplex, with no read in flight): a middle chunk is
+  echoed (and read for `usage`) with nothing else done, as the null
+  processor does, since nothing else can happen at one; every other message
+  is answered as before. Cancelled or ended there, `finally` as everywhere.
 - `Ticket.wait` outside full-duplex: the ticket leaves the queue (or, if the queue
   released it in that instant, gives its slot to the next request).
 - The full-duplex hold, `asyncio.wait` on the ticket and the next message at
@@ -108,7 +115,7 @@ completion is idempotent, so whichever runs second does nothing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -178,6 +185,7 @@ class _Exchange:
         "echo_bytes",
         "no_bodies",
         "request_done",
+        "responded",
         "response_duplex",
         "response_mode",
         "started",
@@ -218,6 +226,8 @@ class _Exchange:
         """The request's last body chunk (or its trailers) has arrived."""
         self.usage: UsageReader | None = None
         """Full-duplex with the `tokens` cost: the response body, read for `usage`."""
+        self.responded = False
+        """A response message has been observed."""
 
 
 class _Stream:
@@ -253,6 +263,15 @@ class _Stream:
         if self._pending is None:
             self._pending = asyncio.ensure_future(self._read())
         return self._pending
+
+    def idle(self) -> bool:
+        """No read in flight."""
+        return self._pending is None
+
+    def rest(self) -> AsyncIterator[Any]:
+        """The remaining messages, read straight from grpc (no read may be in flight)."""
+        assert self._pending is None
+        return self._iterator
 
     def close(self) -> None:
         if self._pending is not None:
@@ -300,7 +319,9 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
             )
         )
 
-    async def Process(
+    # One generator, read top to bottom: splitting it would add an async generator
+    # layer to every response chunk (the per-chunk cost, bench/README.md).
+    async def Process(  # noqa: PLR0912
         self, request_iterator: AsyncIterator[Any], context: Any
     ) -> AsyncIterator[Any]:
         exchange = _Exchange()
@@ -317,9 +338,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                         if exchange.answer_at != "request_headers":
                             # A buffered body comes only once the headers are answered.
                             yield _REQUEST_HEADERS_CONTINUE
-                            if not await self._read_buffered(stream, exchange):
-                                return
-                        elif not await self._read_body(stream, exchange):
+                        if not await self._read_before_answer(stream, exchange):
                             return
                         response = self._enqueue(exchange)
                     if response is None:
@@ -332,30 +351,57 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                     for echoed in _take_echo(exchange):
                         yield echoed
                     continue
-                if not phase:
-                    continue
-                self._observe(message, phase, exchange)
-                if self._conformance and phase == "response_headers":
-                    yield epp.served_report(message)
-                    continue
-                yield _pass_on(message, phase, exchange)
+                answer = self._after_headers(message, exchange)
+                if answer is not None:
+                    yield answer
+                if phase == "response_headers" and _relays(exchange, stream):
+                    # The response body, dispatched and under way: the null processor's
+                    # loop, with only the usage read added for a middle chunk. Anything
+                    # else is answered as above.
+                    usage = exchange.usage
+                    async for message in stream.rest():
+                        # (a message is never falsy)
+                        answer = _middle_chunk(message, usage) or self._after_headers(
+                            message, exchange
+                        )
+                        if answer is not None:
+                            yield answer
+                    return
         finally:
             stream.close()
             self._complete(exchange)
 
+    def _after_headers(self, message: Any, exchange: _Exchange) -> Any:
+        """The answer to a message once the request headers were answered; None for none."""
+        phase = message.WhichOneof("request")
+        if phase == "request_headers":
+            return _REQUEST_HEADERS_CONTINUE  # a second one: passed on, never counted twice
+        if not phase:
+            return None
+        self._observe(message, phase, exchange)
+        if self._conformance and phase == "response_headers":
+            return epp.served_report(message)
+        return _pass_on(message, phase, exchange)
+
     def _observe(self, message: Any, phase: str, exchange: _Exchange) -> None:
         """Bookkeeping for a message after the request headers: served endpoint,
-        first byte, completion."""
+        first byte, completion.
+
+        The served endpoint and the first byte are read up to the response's first
+        message only: by then the data plane has chosen the endpoint (and reports it
+        there), and that message is the first byte."""
         ticket = exchange.ticket
         if ticket is None:
             return
-        if self._pick:
+        if self._pick and not exchange.responded:
             served = epp.served_endpoint(message)
             if served is not None:
                 ticket.served(served)
         if phase.startswith("response"):
-            if self._first_byte and _from_backend(message):
-                ticket.first_byte()
+            if not exchange.responded:
+                exchange.responded = True
+                if self._first_byte and _from_backend(message):
+                    ticket.first_byte()
             if exchange.usage is not None and phase == "response_body":
                 exchange.usage.add(message.response_body.body)
             if _ends_response(message, phase):
@@ -411,6 +457,13 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         if exchange.duplex or exchange.answer_at != "request_headers":
             exchange.body = BodyBuffer(self._max_body)
         return None
+
+    def _read_before_answer(self, stream: _Stream, exchange: _Exchange) -> Awaitable[bool]:
+        """The body as far as it comes before the answer: the one buffered message, else
+        full-duplex chunks (none in the other modes). False when the stream ended first."""
+        if exchange.answer_at != "request_headers":
+            return self._read_buffered(stream, exchange)
+        return self._read_body(stream, exchange)
 
     async def _read_body(self, stream: _Stream, exchange: _Exchange) -> bool:
         """Full-duplex: take body chunks until the body ends or passes the limit.
@@ -589,6 +642,17 @@ def _pass_on(message: Any, phase: str, exchange: _Exchange) -> Any:
     return _PASS_THROUGH[phase]
 
 
+def _relays(exchange: _Exchange, stream: _Stream) -> bool:
+    """After the response headers: whether the response body may take the tight loop
+    (dispatched, still under way, its body full-duplex, no read in flight)."""
+    return (
+        exchange.response_duplex
+        and exchange.ticket is not None
+        and not exchange.completed
+        and stream.idle()
+    )
+
+
 def _ends_response(message: Any, phase: str) -> bool:
     if phase == "response_trailers":
         return True
@@ -633,6 +697,21 @@ def _streamed(phase: str, chunk: Any) -> Any:
     streamed.body = chunk.body
     streamed.end_of_stream = chunk.end_of_stream
     streamed.end_of_stream_without_message = chunk.end_of_stream_without_message
+    return response
+
+
+def _middle_chunk(message: Any, usage: UsageReader | None) -> Any:
+    """The echo of a response body chunk that ends nothing (read for usage on the way);
+    None for any other message."""
+    if message.WhichOneof("request") != "response_body":
+        return None
+    chunk = message.response_body
+    if chunk.end_of_stream or chunk.end_of_stream_without_message:
+        return None
+    if usage is not None:
+        usage.add(chunk.body)
+    response = pb.ProcessingResponse()
+    response.response_body.response.body_mutation.streamed_response.body = chunk.body
     return response
 
 

@@ -191,3 +191,29 @@ async def test_a_flooding_tenant_does_not_starve_a_light_one(
     # while most of the flood was still waiting.
     assert flood_left >= 10, (flood_left, light_took)
     await eventually(lambda: stack.in_flight() == 0 and stack.active("flood") == 0)
+
+
+async def test_response_bodies_not_sent_still_serve_and_count_out(
+    make_pool_stack: MakePoolStack,
+) -> None:
+    """With no token cost and no usage metric nothing needs the response body: Envoy can
+    be told not to send it (response body NONE, trailers SEND, as envoy-pool.yaml's
+    comment shows). Answers arrive whole, streamed ones too, and every request is
+    counted out when its response ends."""
+    modes = {
+        "request_header_mode": "SEND",
+        "request_body_mode": "FULL_DUPLEX_STREAMED",
+        "request_trailer_mode": "SEND",
+        "response_header_mode": "SEND",
+        "response_body_mode": "NONE",
+        "response_trailer_mode": "SEND",
+    }
+    stack = await make_pool_stack({"processing_mode": modes})
+    status, answer = await stack.complete("a", {"model": "m", "prompt": "p"})
+    assert status == 200
+    assert answer["endpoint"] in {e.name for e in stack.endpoints}
+    body = {"model": "m", "prompt": "p", "stream": True, "chunks": 5, "interval": 0.05}
+    status, streamed = await stack.complete("a", body)
+    assert status == 200
+    assert streamed.count(b"data: ") >= 5
+    await eventually(lambda: stack.in_flight() == 0 and stack.active("a") == 0, within=10)

@@ -6,7 +6,7 @@ import pytest
 
 from extproc.contracts import TokenCount
 from extproc.pool.body import UNKNOWN, BodyBuffer, InferenceRequest, parse
-from extproc.pool.usage import DEFAULT_OUTPUT_TOKENS, UsageReader, estimate
+from extproc.pool.usage import _TAIL_BYTES, DEFAULT_OUTPUT_TOKENS, UsageReader, estimate
 
 
 def test_completions_body() -> None:
@@ -83,3 +83,20 @@ def test_usage_from_the_last_sse_event(limit: int) -> None:
 )
 def test_no_usage(chunks: list[bytes]) -> None:
     assert usage_of(chunks) is None
+
+
+def test_an_event_stream_is_kept_only_as_its_tail() -> None:
+    """Usage is in the last events: a long stream is not kept whole, even within the limit."""
+    reader = UsageReader(1 << 30)
+    event = b'data: {"choices": [{"text": "t"}]}\n\n'
+    for _ in range(20_000):  # ~740 KB
+        reader.add(event)
+    reader.add(b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 7}}\n\n')
+    reader.add(b"data: [DONE]\n\n")
+    assert reader._kept < _TAIL_BYTES + 200  # the bound is the point
+    assert reader.usage() == TokenCount(3, 7)
+
+
+def test_a_json_body_opening_after_whitespace_is_kept_whole() -> None:
+    body = json.dumps({"usage": {"prompt_tokens": 1, "completion_tokens": 2}, "pad": "x" * 70_000})
+    assert usage_of([b"\n  ", body[:5].encode(), body[5:].encode()]) == TokenCount(1, 2)

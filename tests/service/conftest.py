@@ -1,4 +1,5 @@
-"""A service picking among three model servers of the tests' own, spoken to over gRPC."""
+"""Fixtures of the stream handler's tests: an ext_proc stub for a started service, and a
+service picking among three model servers of the tests' own."""
 
 from __future__ import annotations
 
@@ -28,17 +29,27 @@ async def endpoints() -> AsyncIterator[list[PoolEndpoint]]:
 
 @pytest.fixture
 async def open_pool(
-    start_service: StartService, endpoints: list[PoolEndpoint]
-) -> AsyncIterator[OpenPool]:
+    start_service: StartService, endpoints: list[PoolEndpoint], stub_for: Any
+) -> OpenPool:
     """Start the service on `endpoints` with these settings: (service, ext_proc stub)."""
-    channels: list[grpc.aio.Channel] = []
 
     async def open_(**settings: object) -> tuple[Service, Any]:
         service = await start_service(endpoints=[e.address for e in endpoints], **settings)
+        return service, stub_for(service)
+
+    return open_
+
+
+@pytest.fixture
+async def stub_for() -> AsyncIterator[Any]:
+    """An ext_proc stub for a started service; its channel is closed afterwards."""
+    channels: list[grpc.aio.Channel] = []
+
+    def open_stub(service: Service) -> Any:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
         channels.append(channel)
-        return service, pb_grpc.ExternalProcessorStub(channel)
+        return pb_grpc.ExternalProcessorStub(channel)
 
-    yield open_
+    yield open_stub
     for channel in channels:
         await channel.close()

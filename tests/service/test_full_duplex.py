@@ -3,14 +3,12 @@ gRPC client: detected from the stream, every chunk handed back unchanged and in 
 the request held while its body keeps arriving, and counted out exactly once."""
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from extproc.service.app import Service
 from tests.conftest import StartService
@@ -27,20 +25,6 @@ from tests.support.extproc_client import (
 
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
-
-
-@pytest.fixture
-async def stub_for() -> AsyncIterator[Any]:
-    channels: list[grpc.aio.Channel] = []
-
-    def open_stub(service: Service) -> Any:
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}")
-        channels.append(channel)
-        return pb_grpc.ExternalProcessorStub(channel)
-
-    yield open_stub
-    for channel in channels:
-        await channel.close()
 
 
 def active(service: Service, workload: str) -> int:
