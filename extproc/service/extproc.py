@@ -406,7 +406,9 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 exchange.usage.add(message.response_body.body)
             if _ends_response(message, phase):
                 if self._count_tokens:
-                    ticket.usage(exchange.usage.usage() if exchange.usage else None)
+                    usage = exchange.usage.usage() if exchange.usage else None
+                    self._metrics.count_usage(usage)
+                    ticket.usage(usage)
                 self._complete(exchange)
 
     def _admit(self, message: Any, exchange: _Exchange) -> Any:

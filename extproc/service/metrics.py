@@ -9,6 +9,8 @@ Per request (updated where the stream handler records each outcome):
   extproc_objective_unknown_total             x-gateway-inference-objective naming no
                                               objective of the pool (registered by app.py
                                               with --inference-pool)
+  extproc_usage_tokens_total{kind}            prompt and completion tokens the responses'
+                                              `usage` reported (--fair-share-cost tokens)
 At scrape time (read from the queue and the registry, no request-path cost):
   extproc_queue_size, extproc_in_flight_requests, extproc_max_concurrency (the
   limit in force, whichever `--capacity` set it), extproc_tracked_workloads;
@@ -41,7 +43,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from extproc.context import OTHER_WORKLOADS
-from extproc.contracts import CapacityStatus, FleetStatus
+from extproc.contracts import CapacityStatus, FleetStatus, TokenCount
 from extproc.pool.pool import PoolStatus
 from extproc.service.readapi import WorkloadReader, WorkloadStatus
 from extproc.workloads import Workloads
@@ -91,6 +93,14 @@ class Metrics:
             "Requests claiming a criticality above their workload's max_criticality.",
             registry=self.registry,
         )
+        usage_tokens = Counter(
+            "extproc_usage_tokens",
+            "Tokens the responses' usage reported (--fair-share-cost tokens), by kind.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self._prompt_tokens = usage_tokens.labels("prompt")
+        self._completion_tokens = usage_tokens.labels("completion")
         self.registry.register(_StateCollector(reader, top_workloads))
         if workloads is not None and workloads.path is not None:
             self.registry.register(_WorkloadsCollector(workloads))
@@ -115,6 +125,11 @@ class Metrics:
             rejections.inc()
         if queue_wait is not None:
             queue_wait_histogram.observe(queue_wait)
+
+    def count_usage(self, usage: TokenCount | None) -> None:
+        if usage is not None:
+            self._prompt_tokens.inc(usage.input)
+            self._completion_tokens.inc(usage.output)
 
 
 class _StateCollector(Collector):

@@ -196,6 +196,9 @@ async def test_tokens_cost_charges_the_estimate_and_corrects_to_the_usage(
     await stream.read()
     assert policy.counter("a") == pytest.approx(12 + 2 * 20)  # type: ignore[attr-defined]
     assert policy.cost == "tokens"  # type: ignore[attr-defined]
+    read = service.metrics.registry.get_sample_value
+    assert read("extproc_usage_tokens_total", {"kind": "prompt"}) == 12
+    assert read("extproc_usage_tokens_total", {"kind": "completion"}) == 20
     stream.cancel()
 
 
