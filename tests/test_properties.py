@@ -4,7 +4,9 @@ Each example drives the real parsers, flow controller, fair-share policy and end
 on the virtual clock, and checks the invariants after every step: every count back to
 zero at the end, slots whole (never more taken than the gate allows, never negative),
 virtual time and counters finite, and backlogged workloads' counters within the module's
-stated bound (2U, U the largest single charge). Whatever a parser refuses, it refuses
+stated bound (2U, U the largest single charge; a check of the counters, not of the
+service each workload got -- the fallback's unit mixing has its own deterministic test
+in tests/flowcontrol). Whatever a parser refuses, it refuses
 with a named error, never another exception."""
 
 from __future__ import annotations
