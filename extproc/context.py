@@ -28,7 +28,8 @@ identity header is refused (400), so it cannot merge into their counts or
 series. A fairness id is not refused (upstream accepts any id) but escaped:
 a reserved id, or one starting with `~`, gets a `~` in front (`overflow` ->
 `~overflow`, `~x` -> `~~x`). The escape is one-to-one, so two fairness ids
-never share a workload and none lands on an internal one.
+never share a workload and none lands on an internal one; the length limit
+applies to the escaped id.
 
 Anything malformed raises `ContextError`, which the server answers with a 400.
 A bad header is never turned into a fresh workload: that would let every
@@ -145,10 +146,11 @@ class ContextParser:
         if len(values) != 1 or not values[0]:
             return WorkloadContext(self._default_flow)
         header = FAIRNESS_ID_HEADER
-        workload_id = check_id(header, "workload id", _decode(header, _single(header, values)))
+        workload_id = _decode(header, _single(header, values))
         if workload_id in self._reserved or workload_id.startswith(RESERVED_ESCAPE):
             workload_id = RESERVED_ESCAPE + workload_id
-        return WorkloadContext(workload_id)
+        # Checked escaped: the id the registry keeps must fit its limit too.
+        return WorkloadContext(check_id(header, "workload id", workload_id))
 
     def _context(
         self, header: str, what: str, workload_id: str, claims: dict[str, object]

@@ -2,6 +2,7 @@ import pytest
 
 from extproc.context import (
     FAIRNESS_ID_HEADER,
+    MAX_ID_BYTES,
     WORKLOAD_CONTEXT_HEADER,
     ContextError,
     ContextParser,
@@ -210,3 +211,11 @@ def test_identity_header_missing_is_the_default_workload_or_refused() -> None:
 def test_identity_header_errors(headers: dict[str, list[bytes]], problem: str) -> None:
     with pytest.raises(ContextError, match=problem):
         identified(headers)
+
+
+def test_an_escaped_fairness_id_must_still_fit_the_id_limit() -> None:
+    longest = "~" + "a" * (MAX_ID_BYTES - 1)
+    with pytest.raises(ContextError, match=f"longer than {MAX_ID_BYTES} bytes"):
+        parse({FAIRNESS_ID_HEADER: [longest.encode()]})
+    fits = "~" + "a" * (MAX_ID_BYTES - 2)
+    assert parse({FAIRNESS_ID_HEADER: [fits.encode()]}).workload_id == "~" + fits
