@@ -148,3 +148,37 @@ async def test_the_conformance_header_steers_through_a_generated_gateway(
             assert served == "fail: missing envoy lb metadata"
     assert len(target.served) == 6
     await settled(stack, "default")
+
+
+@pytest.mark.parametrize("body_mode", ["BUFFERED", "BUFFERED_PARTIAL"])
+async def test_a_buffered_request_outlives_a_short_message_timeout_in_the_queue(
+    make_pool_stack: MakePoolStack, tmp_path: Path, body_mode: str
+) -> None:
+    # A short message_timeout (a hung picker fails fast) with max_message_timeout set:
+    # the buffered body's answer is due within 200 ms unless the hold, sent in the body
+    # phase, reaches Envoy. Held ~0.6 s in the queue, it must still go, with its headers.
+    pem = Authority(tmp_path, "ca").issue("picker", server=True)
+    stack = await make_pool_stack(
+        envoy_config=lambda port, _: gateway_config(
+            port, body_mode, message_timeout="0.2s", max_message_timeout="65s"
+        ),
+        tls_cert=pem.cert,
+        tls_key=pem.key,
+        max_concurrency=1,
+    )
+    first = asyncio.create_task(stack.complete("a", {"model": "m", "prompt": "1", "hold": True}))
+    await eventually(lambda: sum(e.running for e in stack.endpoints) == 1, within=10)
+    second = asyncio.create_task(stack.complete("b", {"model": "m", "prompt": "2"}))
+    await eventually(lambda: stack.service.flow.queued == 1, within=10)
+    await asyncio.sleep(0.6)  # three message timeouts long, held in the queue
+    assert not second.done()
+    for endpoint in stack.endpoints:
+        endpoint.gate.set()
+    (status_a, _), (status_b, answer) = await asyncio.gather(first, second)
+    assert (status_a, status_b) == (200, 200), answer
+    assert stack.by_address(answer["destination"]).name == answer["endpoint"]
+    assert sorted(w for e in stack.endpoints for w in e.served) == ["a", "b"]
+    stats = await stack.envoy.stats("ext_proc")
+    assert stats.get("http.gateway.ext_proc.message_timeouts", 0) == 0
+    await settled(stack, "b")
+    await settled(stack, "a")
