@@ -108,6 +108,7 @@ completion is idempotent, so whichever runs second does nothing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -181,6 +182,7 @@ class _Exchange:
         "response_duplex",
         "response_mode",
         "started",
+        "steered",
         "subset",
         "ticket",
         "usage",
@@ -209,6 +211,8 @@ class _Exchange:
         buffered body's (or, with no body message, its trailers') in the buffered
         modes."""
         self.subset: frozenset[str] | None = None
+        self.steered = False
+        """The subset came from the conformance suite's selection header."""
         self.body: BodyBuffer | None = None
         self.echo: list[Any] = []
         """Full-duplex: answers for request body chunks (and trailers) that arrived
@@ -402,8 +406,8 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         exchange.workload = workload
         if self._pick:
             exchange.subset = epp.subset_hint(message)
-            if self._conformance:
-                exchange.subset = epp.test_selection(message) or exchange.subset
+            if self._conformance and (selection := epp.test_selection(message)) is not None:
+                exchange.subset, exchange.steered = selection, True
         # Trailer mode reads no body: nothing to wait for before enqueueing.
         exchange.request_done = not exchange.duplex or bool(headers.end_of_stream)
         if modes.request_body_mode in _BUFFERED and not headers.end_of_stream:
@@ -523,7 +527,12 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
             )
         assert ticket.outcome is not None
         self._complete(exchange)
-        return _immediate(rejection_for(ticket.outcome, detail=ticket.detail))
+        rejection = rejection_for(ticket.outcome, detail=ticket.detail)
+        if exchange.steered and ticket.outcome is Outcome.REJECTED_NO_ENDPOINT:
+            # Upstream answers a pick its filters left empty 429 (resource exhausted),
+            # and the conformance suite expects that for a selection matching nothing.
+            rejection = dataclasses.replace(rejection, status=429)
+        return _immediate(rejection)
 
     def _complete(self, exchange: _Exchange) -> None:
         workload, ticket = exchange.workload, exchange.ticket
