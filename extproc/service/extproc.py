@@ -78,7 +78,10 @@ handler wherever it is suspended; `finally` then completes the request, and
   read before enqueueing): cancelled, the read is abandoned with the stream.
   The stream ending instead (None) ends the handler.
 - `_read_buffered` (the one buffered body message): cancelled or ended, the
-  request is counted out never having been enqueued.
+  request is counted out never having been enqueued. Should a response message
+  come instead (Envoy answered the request itself: 413 for a BUFFERED body over
+  its buffer limit), the request is counted out at once, never enqueued, and
+  the reply passed on.
 - `Ticket.wait` outside full-duplex: the ticket leaves the queue (or, if the queue
   released it in that instant, gives its slot to the next request).
 - The full-duplex hold, `asyncio.wait` on the ticket and the next message at
@@ -321,8 +324,15 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                         if exchange.answer_at != "request_headers":
                             # A buffered body comes only once the headers are answered.
                             yield _REQUEST_HEADERS_CONTINUE
-                            if not await self._read_buffered(stream, exchange):
+                            awaited = await self._read_buffered(stream, exchange)
+                            if awaited is None:
                                 return
+                            if exchange.answer_at.startswith("response"):
+                                # Envoy answered the request itself before its body came
+                                # (413: the body passed its buffer limit): nothing to queue.
+                                self._complete(exchange)
+                                yield self._reply(awaited, exchange.answer_at, exchange)
+                                continue
                         elif not await self._read_body(stream, exchange):
                             return
                         response = self._enqueue(exchange)
@@ -339,13 +349,17 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 if not phase:
                     continue
                 self._observe(message, phase, exchange)
-                if self._conformance and phase == "response_headers":
-                    yield epp.served_report(message)
-                    continue
-                yield _pass_on(message, phase, exchange)
+                yield self._reply(message, phase, exchange)
         finally:
             stream.close()
             self._complete(exchange)
+
+    def _reply(self, message: Any, phase: str, exchange: _Exchange) -> Any:
+        """The answer to a message after the decision's: passed on, or with the hooks on,
+        the response headers' with the conformance suite's served report."""
+        if self._conformance and phase == "response_headers":
+            return epp.served_report(message)
+        return _pass_on(message, phase, exchange)
 
     def _observe(self, message: Any, phase: str, exchange: _Exchange) -> None:
         """Bookkeeping for a message after the request headers: served endpoint,
@@ -427,19 +441,20 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
             self._take(message, exchange)
         return True
 
-    async def _read_buffered(self, stream: _Stream, exchange: _Exchange) -> bool:
+    async def _read_buffered(self, stream: _Stream, exchange: _Exchange) -> Any:
         """Buffered modes: take the body, one message, which Envoy sends once the headers
-        are answered and holds until its own answer. False when the stream ended first."""
+        are answered and holds until its own answer. The message; None when the stream
+        ended first."""
         message = await stream.next()
         if message is None:
-            return False
+            return None
         phase = message.WhichOneof("request")
         if phase == "request_body" and exchange.body is not None:
             exchange.body.add(message.request_body.body)
         # Should anything but the body come (trailers, no body message), its answer
-        # carries the decision instead.
+        # carries the decision instead; a response message means Envoy ended the request.
         exchange.answer_at = phase or "request_body"
-        return True
+        return message
 
     def _may_read(self, exchange: _Exchange, limits: int) -> bool:
         return exchange.echo_bytes <= limits * self._max_body

@@ -182,3 +182,25 @@ async def test_a_buffered_request_outlives_a_short_message_timeout_in_the_queue(
     assert stats.get("http.gateway.ext_proc.message_timeouts", 0) == 0
     await settled(stack, "b")
     await settled(stack, "a")
+
+
+@pytest.mark.parametrize(("body_mode", "status"), [("BUFFERED", 413), ("BUFFERED_PARTIAL", 200)])
+async def test_a_body_over_envoys_buffer_limit(
+    make_stack: MakeStack, body_mode: str, status: int
+) -> None:
+    # 3 MiB, over Envoy's 1 MiB connection buffer: BUFFERED answers 413 itself (never
+    # dispatched, no endpoint charged); BUFFERED_PARTIAL sends the first part, and the
+    # whole body still reaches the backend intact.
+    stack = await make_stack(f"ai-gateway-{body_mode.lower().replace('_', '-')}")
+    big = json.dumps({"model": "m", "prompt": "x" * (3 << 20)}).encode()
+    got, answer = await stack.complete("a", big)
+    assert got == status, answer
+    dispatched = 1 if status == 200 else 0
+    if dispatched:
+        assert (answer["bytes"], answer["sha256"]) == (len(big), hashlib.sha256(big).hexdigest())
+    assert sum(len(e.served) for e in stack.endpoints) == dispatched
+    await settled(stack)
+    totals = stack.service.reader.get("a")
+    assert totals is not None
+    assert (totals.metrics.total_requests, totals.metrics.dispatched_count) == (1, dispatched)
+    assert sum(e.picked for e in pool_status(stack)) == dispatched
