@@ -204,3 +204,24 @@ async def test_a_body_over_envoys_buffer_limit(
     assert totals is not None
     assert (totals.metrics.total_requests, totals.metrics.dispatched_count) == (1, dispatched)
     assert sum(e.picked for e in pool_status(stack)) == dispatched
+
+
+async def test_a_buffered_request_whose_client_leaves_while_queued_is_counted_out(
+    make_stack: MakeStack,
+) -> None:
+    stack = await make_stack("ai-gateway-buffered", max_concurrency=1)
+    first = asyncio.create_task(stack.complete("a", {"model": "m", "prompt": "1", "hold": True}))
+    await eventually(lambda: sum(e.running for e in stack.endpoints) == 1, within=10)
+    leaving = asyncio.create_task(stack.complete("b", {"model": "m", "prompt": "2"}))
+    await eventually(lambda: stack.service.flow.queued == 1 and stack.active("b") == 1, within=10)
+    leaving.cancel()  # closes the client's connection while its body waits in the queue
+    await asyncio.gather(leaving, return_exceptions=True)
+    await eventually(lambda: stack.active("b") == 0 and stack.service.flow.queued == 0)
+    for endpoint in stack.endpoints:
+        endpoint.gate.set()
+    assert (await first)[0] == 200
+    await settled(stack)
+    totals = stack.service.reader.get("b")
+    assert totals is not None
+    assert (totals.metrics.total_requests, totals.metrics.dispatched_count) == (1, 0)
+    assert sum(len(e.served) for e in stack.endpoints) == 1
