@@ -15,8 +15,8 @@
   test filter runs after the subset one, so the header wins); the response
   headers' answer adds `x-conformance-test-served-endpoint`, the endpoint the
   data plane reports having served (or "fail: ..." naming what it did not
-  report), as upstream's test picker does. Nothing matching is answered 503, as
-  an empty subset.
+  report), as upstream's test picker does. Nothing matching is answered 429, as
+  upstream answers a pick its filters leave empty (the suite's invalid-IP case).
 - The data plane reports the endpoint that served the request in
   `metadata_context` namespace `envoy.lb`, key
   `x-gateway-destination-endpoint-served`.

@@ -79,7 +79,10 @@ handler wherever it is suspended; `finally` then completes the request, and
   read before enqueueing): cancelled, the read is abandoned with the stream.
   The stream ending instead (None) ends the handler.
 - `_read_buffered` (the one buffered body message): cancelled or ended, the
-  request is counted out never having been enqueued.
+  request is counted out never having been enqueued. Should a response message
+  come instead (Envoy answered the request itself: 413 for a BUFFERED body over
+  its buffer limit), the request is counted out at once, never enqueued, and
+  the reply passed on.
 - The response body's loop (`_Stream.rest`: grpc's request iterator itself,
   entered after the answered response headers of a dispatched request whose
   response body is full-duplex, with no read in flight): a middle chunk is
@@ -115,7 +118,8 @@ completion is idempotent, so whichever runs second does nothing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+import dataclasses
+from collections.abc import AsyncIterator
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -189,6 +193,7 @@ class _Exchange:
         "response_duplex",
         "response_mode",
         "started",
+        "steered",
         "subset",
         "ticket",
         "usage",
@@ -228,6 +233,8 @@ class _Exchange:
         """Full-duplex with the `tokens` cost: the response body, read for `usage`."""
         self.responded = False
         """A response message has been observed."""
+        self.steered = False
+        """The subset came from the conformance suite's selection header."""
 
 
 class _Stream:
@@ -338,7 +345,16 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                         if exchange.answer_at != "request_headers":
                             # A buffered body comes only once the headers are answered.
                             yield _REQUEST_HEADERS_CONTINUE
-                        if not await self._read_before_answer(stream, exchange):
+                            awaited = await self._read_buffered(stream, exchange)
+                            if awaited is None:
+                                return
+                            if exchange.answer_at.startswith("response"):
+                                # Envoy answered the request itself before its body came
+                                # (413: the body passed its buffer limit): nothing to queue.
+                                self._complete(exchange)
+                                yield self._reply(awaited, exchange.answer_at, exchange)
+                                continue
+                        elif not await self._read_body(stream, exchange):
                             return
                         response = self._enqueue(exchange)
                     if response is None:
@@ -379,6 +395,11 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         if not phase:
             return None
         self._observe(message, phase, exchange)
+        return self._reply(message, phase, exchange)
+
+    def _reply(self, message: Any, phase: str, exchange: _Exchange) -> Any:
+        """The answer to a message after the decision's: passed on, or with the hooks on,
+        the response headers' with the conformance suite's served report."""
         if self._conformance and phase == "response_headers":
             return epp.served_report(message)
         return _pass_on(message, phase, exchange)
@@ -450,8 +471,8 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         exchange.workload = workload
         if self._pick:
             exchange.subset = epp.subset_hint(message)
-            if self._conformance:
-                exchange.subset = epp.test_selection(message) or exchange.subset
+            if self._conformance and (selection := epp.test_selection(message)) is not None:
+                exchange.subset, exchange.steered = selection, True
         # Trailer mode reads no body: nothing to wait for before enqueueing.
         exchange.request_done = not exchange.duplex or bool(headers.end_of_stream)
         if modes.request_body_mode in _BUFFERED and not headers.end_of_stream:
@@ -459,13 +480,6 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         if exchange.duplex or exchange.answer_at != "request_headers":
             exchange.body = BodyBuffer(self._max_body)
         return None
-
-    def _read_before_answer(self, stream: _Stream, exchange: _Exchange) -> Awaitable[bool]:
-        """The body as far as it comes before the answer: the one buffered message, else
-        full-duplex chunks (none in the other modes). False when the stream ended first."""
-        if exchange.answer_at != "request_headers":
-            return self._read_buffered(stream, exchange)
-        return self._read_body(stream, exchange)
 
     async def _read_body(self, stream: _Stream, exchange: _Exchange) -> bool:
         """Full-duplex: take body chunks until the body ends or passes the limit.
@@ -478,19 +492,20 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
             self._take(message, exchange)
         return True
 
-    async def _read_buffered(self, stream: _Stream, exchange: _Exchange) -> bool:
+    async def _read_buffered(self, stream: _Stream, exchange: _Exchange) -> Any:
         """Buffered modes: take the body, one message, which Envoy sends once the headers
-        are answered and holds until its own answer. False when the stream ended first."""
+        are answered and holds until its own answer. The message; None when the stream
+        ended first."""
         message = await stream.next()
         if message is None:
-            return False
+            return None
         phase = message.WhichOneof("request")
         if phase == "request_body" and exchange.body is not None:
             exchange.body.add(message.request_body.body)
         # Should anything but the body come (trailers, no body message), its answer
-        # carries the decision instead.
+        # carries the decision instead; a response message means Envoy ended the request.
         exchange.answer_at = phase or "request_body"
-        return True
+        return message
 
     def _may_read(self, exchange: _Exchange, limits: int) -> bool:
         return exchange.echo_bytes <= limits * self._max_body
@@ -578,7 +593,12 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
             )
         assert ticket.outcome is not None
         self._complete(exchange)
-        return _immediate(rejection_for(ticket.outcome, detail=ticket.detail))
+        rejection = rejection_for(ticket.outcome, detail=ticket.detail)
+        if exchange.steered and ticket.outcome is Outcome.REJECTED_NO_ENDPOINT:
+            # Upstream answers a pick its filters left empty 429 (resource exhausted),
+            # and the conformance suite expects that for a selection matching nothing.
+            rejection = dataclasses.replace(rejection, status=429)
+        return _immediate(rejection)
 
     def _complete(self, exchange: _Exchange) -> None:
         workload, ticket = exchange.workload, exchange.ticket

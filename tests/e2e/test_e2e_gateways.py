@@ -148,3 +148,80 @@ async def test_the_conformance_header_steers_through_a_generated_gateway(
             assert served == "fail: missing envoy lb metadata"
     assert len(target.served) == 6
     await settled(stack, "default")
+
+
+@pytest.mark.parametrize("body_mode", ["BUFFERED", "BUFFERED_PARTIAL"])
+async def test_a_buffered_request_outlives_a_short_message_timeout_in_the_queue(
+    make_pool_stack: MakePoolStack, tmp_path: Path, body_mode: str
+) -> None:
+    # A short message_timeout (a hung picker fails fast) with max_message_timeout set:
+    # the buffered body's answer is due within 200 ms unless the hold, sent in the body
+    # phase, reaches Envoy. Held ~0.6 s in the queue, it must still go, with its headers.
+    pem = Authority(tmp_path, "ca").issue("picker", server=True)
+    stack = await make_pool_stack(
+        envoy_config=lambda port, _: gateway_config(
+            port, body_mode, message_timeout="0.2s", max_message_timeout="65s"
+        ),
+        tls_cert=pem.cert,
+        tls_key=pem.key,
+        max_concurrency=1,
+    )
+    first = asyncio.create_task(stack.complete("a", {"model": "m", "prompt": "1", "hold": True}))
+    await eventually(lambda: sum(e.running for e in stack.endpoints) == 1, within=10)
+    second = asyncio.create_task(stack.complete("b", {"model": "m", "prompt": "2"}))
+    await eventually(lambda: stack.service.flow.queued == 1, within=10)
+    await asyncio.sleep(0.6)  # three message timeouts long, held in the queue
+    assert not second.done()
+    for endpoint in stack.endpoints:
+        endpoint.gate.set()
+    (status_a, _), (status_b, answer) = await asyncio.gather(first, second)
+    assert (status_a, status_b) == (200, 200), answer
+    assert stack.by_address(answer["destination"]).name == answer["endpoint"]
+    assert sorted(w for e in stack.endpoints for w in e.served) == ["a", "b"]
+    stats = await stack.envoy.stats("ext_proc")
+    assert stats.get("http.gateway.ext_proc.message_timeouts", 0) == 0
+    await settled(stack, "b")
+    await settled(stack, "a")
+
+
+@pytest.mark.parametrize(("body_mode", "status"), [("BUFFERED", 413), ("BUFFERED_PARTIAL", 200)])
+async def test_a_body_over_envoys_buffer_limit(
+    make_stack: MakeStack, body_mode: str, status: int
+) -> None:
+    # 3 MiB, over Envoy's 1 MiB connection buffer: BUFFERED answers 413 itself (never
+    # dispatched, no endpoint charged); BUFFERED_PARTIAL sends the first part, and the
+    # whole body still reaches the backend intact.
+    stack = await make_stack(f"ai-gateway-{body_mode.lower().replace('_', '-')}")
+    big = json.dumps({"model": "m", "prompt": "x" * (3 << 20)}).encode()
+    got, answer = await stack.complete("a", big)
+    assert got == status, answer
+    dispatched = 1 if status == 200 else 0
+    if dispatched:
+        assert (answer["bytes"], answer["sha256"]) == (len(big), hashlib.sha256(big).hexdigest())
+    assert sum(len(e.served) for e in stack.endpoints) == dispatched
+    await settled(stack)
+    totals = stack.service.reader.get("a")
+    assert totals is not None
+    assert (totals.metrics.total_requests, totals.metrics.dispatched_count) == (1, dispatched)
+    assert sum(e.picked for e in pool_status(stack)) == dispatched
+
+
+async def test_a_buffered_request_whose_client_leaves_while_queued_is_counted_out(
+    make_stack: MakeStack,
+) -> None:
+    stack = await make_stack("ai-gateway-buffered", max_concurrency=1)
+    first = asyncio.create_task(stack.complete("a", {"model": "m", "prompt": "1", "hold": True}))
+    await eventually(lambda: sum(e.running for e in stack.endpoints) == 1, within=10)
+    leaving = asyncio.create_task(stack.complete("b", {"model": "m", "prompt": "2"}))
+    await eventually(lambda: stack.service.flow.queued == 1 and stack.active("b") == 1, within=10)
+    leaving.cancel()  # closes the client's connection while its body waits in the queue
+    await asyncio.gather(leaving, return_exceptions=True)
+    await eventually(lambda: stack.active("b") == 0 and stack.service.flow.queued == 0)
+    for endpoint in stack.endpoints:
+        endpoint.gate.set()
+    assert (await first)[0] == 200
+    await settled(stack)
+    totals = stack.service.reader.get("b")
+    assert totals is not None
+    assert (totals.metrics.total_requests, totals.metrics.dispatched_count) == (1, 0)
+    assert sum(len(e.served) for e in stack.endpoints) == 1

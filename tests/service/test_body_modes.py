@@ -232,6 +232,35 @@ async def test_buffered_paths_that_end_early_count_out_once(
     await eventually(lambda: in_flight(service) == 0)
 
 
+@pytest.mark.parametrize("request_mode", BUFFERED)
+async def test_a_buffered_request_envoy_answers_itself_is_never_queued_nor_dispatched(
+    open_pool: OpenPool, request_mode: str
+) -> None:
+    # A BUFFERED body over Envoy's buffer limit: Envoy answers 413 itself, and its local
+    # reply's response headers come where the body was awaited. Nothing reaches a
+    # backend: no pick, no slot, no dispatch, and the 413 is not held behind the queue.
+    service, stub = await open_pool(max_concurrency=1)
+    running = stub.Process()
+    await play_request(running, request_mode, b"{}", headers_in(request_mode, "NONE"))
+    stream = stub.Process()
+    await stream.write(headers_in(request_mode, "NONE", "b"))
+    assert decision(await stream.read(), "request_headers") == {}
+    await stream.write(response_headers(end_of_stream=False))
+    answer = await stream.read()
+    assert unchanged(answer, "response_headers")
+    assert not answer.HasField("dynamic_metadata")
+    assert counts(service, "b") == (1, 0, 0)
+    assert service.flow.queued == 0
+    await stream.write(response_body(b"Payload Too Large", end_of_stream=True))
+    assert (await stream.read()).WhichOneof("response") == "response_body"
+    await stream.done_writing()
+    assert await stream.read() == grpc.aio.EOF
+    assert counts(service, "b") == (1, 0, 0)
+    await play_response(running, "NONE")
+    assert service.flow.in_flight == 0
+    assert in_flight(service) == 0
+
+
 @pytest.mark.parametrize("response_mode", ["STREAMED", "BUFFERED"])
 async def test_tokens_cost_reads_a_buffered_prompt_and_the_usage_of_any_response_body(
     start_service: StartService, response_mode: str

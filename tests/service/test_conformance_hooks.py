@@ -57,8 +57,13 @@ async def test_with_the_hooks_the_header_selects_the_endpoint_and_the_served_one
     assert await picks(stub, selecting("127.0.0.1")) == {e.address for e in endpoints}
     # The header wins over the gateway's subset hint, as upstream's filter runs after it.
     assert await picks(stub, with_subset(selecting(two), [one])) == {two}
-    # Nothing matching: 503, as an empty subset.
+    # Nothing matching: 429, as upstream answers a pick its filters left empty (the
+    # suite's invalid-IP case expects it); the gateway's own empty subset stays 503.
     stream, answer = await open_request(stub, selecting("256.256.256.256"))
+    assert answer.immediate_response.status.code == 429
+    assert answer.immediate_response.body.startswith(b'{"error": "no_eligible_endpoint"')
+    stream.cancel()
+    stream, answer = await open_request(stub, with_subset(duplex_headers("a"), []))
     assert answer.immediate_response.status.code == 503
     stream.cancel()
 

@@ -28,9 +28,12 @@ _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
-def gateway_config(extproc_port: int, body_mode: str = "FULL_DUPLEX_STREAMED") -> dict[str, Any]:
+def gateway_config(
+    extproc_port: int, body_mode: str = "FULL_DUPLEX_STREAMED", **ext_proc_fields: Any
+) -> dict[str, Any]:
     """Envoy on ephemeral ports in front of the picker on `extproc_port` (TLS, loopback),
-    with `body_mode` for request and response bodies alike."""
+    with `body_mode` for request and response bodies alike (`ext_proc_fields` set on the
+    ext_proc filter beside what the gateways generate)."""
     ext_proc = {
         "grpc_service": {"envoy_grpc": {"cluster_name": "picker"}},
         "failure_mode_allow": False,
@@ -43,6 +46,7 @@ def gateway_config(extproc_port: int, body_mode: str = "FULL_DUPLEX_STREAMED") -
             "request_trailer_mode": "SEND",
             "response_trailer_mode": "SEND",
         },
+        **ext_proc_fields,
     }
     manager = {
         "@type": _HCM,
