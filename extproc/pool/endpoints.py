@@ -10,11 +10,10 @@ the service knows where each request went:
   threshold and KV-cache use below its threshold, and in flight below the
   per-endpoint ceiling (`--endpoint-max-in-flight`) when set. The queue the
   pickers rank by takes S as at least 1 unless the last scrape showed a
-  queue: a server that has not yet shown a
-  running request still runs one, and without that floor the first request
-  sent to a cold server read as queued, so every newcomer went elsewhere
-  until a scrape or first byte showed it running (measured: 6 of 7 tenants
-  on one vLLM).
+  queue: a server not yet seen running a request still runs one. Without
+  that floor the first request sent to a cold server read as queued, so
+  every newcomer went elsewhere until a scrape or first byte showed it
+  running (measured: 6 of 7 tenants on one of two vLLMs).
 - Stale (no good scrape for `stale_after`): the readings are unknown, not
   alarming. The endpoint's queue is its in-flight requests beyond its last
   learnt slots (at least 1), foreign load unknown, and it has room below

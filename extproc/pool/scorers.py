@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from extproc.pool.endpoints import Endpoint, Load
-from extproc.pool.prefix import matched_each
+from extproc.pool.prefix import matched_each, remembered_each
 
 UNKNOWN_KV_SCORE = 0.5
 
@@ -97,7 +97,7 @@ def weighted_scores(
 def _cache_rooms(endpoints: Sequence[Endpoint], weight: float) -> list[float] | None:
     """Each endpoint's room in its remembered cache, relative to the fullest, x `weight`;
     None when all are equal (it would add nothing)."""
-    sizes = [len(e.prefix._blocks) for e in endpoints]  # the hot loop: no method calls
+    sizes = remembered_each(e.prefix for e in endpoints)
     most = max(sizes)
     if not most or min(sizes) == most:
         return None
