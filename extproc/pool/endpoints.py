@@ -8,10 +8,16 @@ the service knows where each request went:
   is learnt from scrapes and first bytes, foreign load F from scrapes;
 - the estimated queue is I + F - S; room while it is below the waiting
   threshold and KV-cache use below its threshold, and in flight below the
-  per-endpoint ceiling (`--endpoint-max-in-flight`) when set.
+  per-endpoint ceiling (`--endpoint-max-in-flight`) when set. The queue the
+  pickers rank by takes S as at least 1 unless the last scrape showed a
+  queue: a server not yet seen running a request still runs one. Without
+  that floor the first request sent to a cold server read as queued, so
+  every newcomer went elsewhere until a scrape or first byte showed it
+  running (measured: 6 of 7 tenants on one of two vLLMs).
 - Stale (no good scrape for `stale_after`): the readings are unknown, not
-  alarming. The endpoint counts as its in-flight requests (queue depth) and
-  has room below the ceiling (always, without one): stale never halts.
+  alarming. The endpoint's queue is its in-flight requests beyond its last
+  learnt slots (at least 1), foreign load unknown, and it has room below
+  the ceiling (always, without one): stale never halts.
 - Dead: scrapes that cannot even connect for `stale_after` take the endpoint
   out of the ready set until a scrape connects again; discovery (a Pod's
   readiness) can take it out as well.
@@ -25,6 +31,9 @@ from typing import NamedTuple
 from extproc.capacity.saturation import Reading, SaturationOptions, ServerLoad
 from extproc.contracts import Clock
 from extproc.pool.prefix import PrefixCache
+
+SLOTS_PRIOR = 1.0
+"""The slots assumed of a server that has shown none yet (`_compute_load`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +64,7 @@ class EndpointSnapshot:
     running: float | None
     kv_cache_usage: float | None
     queue_depth: float
-    """The estimated queue when fresh (in flight + foreign - slots), in flight when stale."""
+    """The estimated queue: in flight + foreign (fresh only) - slots (at least 1)."""
     saturation: float | None
     """None when stale."""
     scrape_age: float | None
@@ -125,11 +134,17 @@ class Endpoint:
     def _compute_load(self) -> Load:
         server, ceiling = self.server, self.options.max_in_flight
         full = bool(ceiling) and self.in_flight >= ceiling
-        if not server.fresh():
-            return Load(float(self.in_flight), None, not full)
         reading = server.reading
+        # A server runs at least one request: before any scrape or first byte has shown
+        # it running one (learnt slots 0), its one request in flight is not a queue --
+        # unless its last scrape showed it queueing.
+        queueing = reading is not None and reading.waiting > 0
+        slots = server.slots if queueing else max(server.slots, SLOTS_PRIOR)
+        if not server.fresh():
+            return Load(max(0.0, server.in_flight - slots), None, not full)
         kv = reading.kv_cache_usage if reading is not None else None
-        return Load(server.queue(), kv, not full and server.room() > 0)
+        queue = max(0.0, server.in_flight + server.foreign - slots)
+        return Load(queue, kv, not full and server.room() > 0)
 
     def queue_depth(self, now: float) -> float:
         """The requests waiting inside the server, as best known now."""

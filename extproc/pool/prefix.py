@@ -77,6 +77,11 @@ def matched_each(caches: Iterable[PrefixCache], hashes: tuple[int, ...]) -> list
     return matches
 
 
+def remembered_each(caches: Iterable[PrefixCache]) -> list[int]:
+    """`len(cache)` for each cache, in the pick's hot loop (no method call per cache)."""
+    return [len(cache._blocks) for cache in caches]
+
+
 class PrefixCache:
     """One endpoint's recently routed block hashes, least recent first."""
 

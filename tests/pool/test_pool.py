@@ -226,3 +226,41 @@ def test_a_subset_names_endpoints_by_ip_port_or_by_bare_ip(
         return
     assert pool.ineligible(request) is None
     assert {pool.pick(request)[0] for _ in range(8)} == allowed
+
+
+def _tenant(n: int) -> str:
+    return f"tenant {n} system prompt ".ljust(64 * 8, chr(ord("a") + n))
+
+
+def test_new_tenants_spread_while_the_first_server_has_shown_no_slot_yet() -> None:
+    """The cold start `make bench-vllm` measured: the first tenant's request runs long on
+    one server before any first byte or scrape shows it running (its learnt slots 0);
+    the other client's new tenants, one at a time, must not all pile onto the other."""
+    for seed in range(1, 21):
+        clock = VirtualClock()
+        pool = make_pool(clock, [E1, E2], seed=seed)
+        for address in (E1, E2):
+            feed(pool, clock, address, waiting=0, running=0, kv=0.0)
+        slow = pool.pick(PickRequest(prompt=_tenant(0)))[0]  # in flight throughout
+        placed = {E1: 0, E2: 0}
+        placed[slow] += 1
+        for n in range(1, 7):
+            address = pool.pick(PickRequest(prompt=_tenant(n)))[0]
+            placed[address] += 1
+            pool.on_first_byte(address, 0.1)
+            pool.on_release(address)
+            assert abs(placed[E1] - placed[E2]) <= 1, (seed, n, placed)
+
+
+def test_a_newcomer_goes_where_fewer_other_tenants_prefixes_are_cached() -> None:
+    for seed in range(1, 11):
+        clock = VirtualClock()
+        pool = make_pool(clock, [E1, E2], seed=seed)
+        for address in (E1, E2):
+            feed(pool, clock, address, waiting=0, running=0, kv=0.0)
+        for n in range(3):
+            pool.endpoint(E1).prefix.record(block_hashes(_tenant(n)))  # type: ignore[union-attr]
+        pool.endpoint(E2).prefix.record(block_hashes(_tenant(3)))  # type: ignore[union-attr]
+        assert pool.pick(PickRequest(prompt=_tenant(4)))[0] == E2, seed
+        # ...while a tenant the busier cache holds still goes back to it.
+        assert pool.pick(PickRequest(prompt=_tenant(1) + "next question"))[0] == E1, seed
