@@ -22,6 +22,8 @@ from tests.support.vllm_load import completion, headers
 from tests.vllm.conftest import Stack
 
 SLOTS = 2
+BUSY_NOISE = 0.1
+"""Slots: what two means of vLLM's running gauge may differ by from noise alone."""
 SAMPLE_EVERY = 0.05
 
 
@@ -136,7 +138,11 @@ async def test_the_metrics_gate_keeps_vllms_queue_at_the_threshold_and_its_slots
         assert set(statuses) == {200}
         assert statuses[200] >= 24
     assert seen["metrics"][2] <= threshold + 1  # vLLM's own queue, every 50 ms
-    assert seen["metrics"][1] >= seen["static"][1]  # slots at least as busy as a perfect limit
+    # Slots at least as busy as a perfect static limit, within the noise of 50 ms samples of
+    # a 2-core machine shared with vLLM's own processes: the issue measured gate 1.31-1.57
+    # against static 1.03-1.47 (overlapping), and one run here 1.31 against 1.34 while a
+    # second pair of vLLM servers was busy on the same cores.
+    assert seen["metrics"][1] >= seen["static"][1] - BUSY_NOISE
 
 
 async def test_token_fair_share_counts_what_vllm_counts_and_shares_tokens(
