@@ -34,6 +34,7 @@ at the next re-list.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
@@ -105,7 +106,7 @@ def objective_priority(objective: Any, pool_name: str) -> tuple[bool, int | None
     return mine, priority
 
 
-class _ListWatch:
+class _ListWatch(abc.ABC):
     """List, publish, watch, publish after every event; list again on any failure."""
 
     _what = ""
@@ -145,8 +146,9 @@ class _ListWatch:
             await self._client.close()
             self._client = None
 
+    @abc.abstractmethod
     async def _list_and_watch(self) -> None:
-        raise NotImplementedError
+        """One round: list, publish, then apply watch events until the watch ends."""
 
     async def _run(self) -> None:
         backoff = BACKOFF_FIRST
