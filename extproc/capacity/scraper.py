@@ -11,7 +11,6 @@ better than none.)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import aiohttp
@@ -23,6 +22,7 @@ from extproc.capacity.saturation import (
     SaturationOptions,
     parse_reading,
 )
+from extproc.tasks import cancel_and_wait
 
 MAX_PAGE_BYTES = 8 << 20
 """A vLLM page is ~100 KB; a larger one is a misconfigured URL, not read into memory."""
@@ -44,12 +44,8 @@ class Scraper:
         self._tasks = [asyncio.create_task(self._scrape_forever(url)) for url in self._gate.urls]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        tasks, self._tasks = self._tasks, []
+        await cancel_and_wait(*tasks)
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -11,7 +11,6 @@ only lets its readings go stale.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import aiohttp
@@ -20,6 +19,7 @@ import structlog
 from extproc.capacity.scraper import SCRAPE_ERRORS, read_metrics
 from extproc.contracts import Clock
 from extproc.pool.pool import EndpointPool
+from extproc.tasks import cancel_and_wait
 
 
 class EndpointScraper:
@@ -55,11 +55,7 @@ class EndpointScraper:
 
     async def stop(self) -> None:
         tasks, self._tasks = list(self._tasks.values()), {}
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*tasks)
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -67,6 +67,7 @@ from extproc.service.extproc import ExternalProcessorService
 from extproc.service.metrics import Metrics
 from extproc.service.readapi import WorkloadReader, WorkloadRegistryService
 from extproc.service.tls import server_credentials
+from extproc.tasks import cancel_and_wait
 from extproc.workloads import Workloads
 
 # Envoy's message timeout is extended by this much beyond the queue timeout, so
@@ -258,9 +259,7 @@ class Service:
         await _within(drain, self.flow.wait_for(lambda: self.flow.queued == 0))
         self.flow.close()
         await _within(grace, self.flow.wait_for(lambda: self.flow.in_flight == 0))
-        for loop_task in (self._sweeper, self._reloader, self._synced_waiter):
-            if loop_task is not None:
-                loop_task.cancel()
+        await cancel_and_wait(self._sweeper, self._reloader, self._synced_waiter)
         self._sweeper = self._reloader = self._synced_waiter = None
         if self._scraper is not None:
             await self._scraper.stop()

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sys
+from collections import deque
 from typing import Any
 
 import aiohttp
@@ -22,6 +23,8 @@ class ServeProcess:
         self._flags = flags
         self._process: asyncio.subprocess.Process | None = None
         self.admin = ""
+        # The last log lines, for the failure report when the process will not stop.
+        self._tail: deque[bytes] = deque(maxlen=40)
 
     async def start(self) -> None:
         self._process = await asyncio.create_subprocess_exec(
@@ -43,8 +46,8 @@ class ServeProcess:
     async def _drain(self) -> None:
         assert self._process is not None
         assert self._process.stderr is not None
-        while await self._process.stderr.readline():
-            pass
+        while line := await self._process.stderr.readline():
+            self._tail.append(line)
 
     @property
     def running(self) -> bool:
@@ -78,7 +81,14 @@ class ServeProcess:
         assert self._process is not None
         if self._process.returncode is None:
             self._process.terminate()
-        return await asyncio.wait_for(self._process.wait(), 30)
+        try:
+            return await asyncio.wait_for(self._process.wait(), 30)
+        except TimeoutError:
+            await self.kill()
+            tail = b"".join(self._tail).decode(errors="replace")
+            raise AssertionError(
+                f"extproc serve ignored SIGTERM for 30 s; its last log:\n{tail}"
+            ) from None
 
 
 async def top_frame(grpc_port: int, *flags: str, columns: int = 200) -> str:

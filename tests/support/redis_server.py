@@ -49,7 +49,12 @@ class RedisServer:
         """SIGTERM: Redis saves its data and exits; `start` loads it again."""
         if self._process is not None and self._process.returncode is None:
             self._process.terminate()
-            await asyncio.wait_for(self._process.wait(), 10)
+            try:
+                await asyncio.wait_for(self._process.wait(), 10)
+            except TimeoutError:
+                self._process.kill()
+                await self._process.wait()
+                raise AssertionError("redis-server ignored SIGTERM for 10 s") from None
 
     async def close(self) -> None:
         await self.stop()
