@@ -13,7 +13,14 @@ def parse_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"expected HOST:PORT, got {address!r}")
-    return host.strip("[]"), int(port)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host or "[" in host or "]" in host:
+        # "::1:80" could be ::1 port 80 or the address ::1:80 with no port at all.
+        raise ValueError(f"an IPv6 host goes in brackets, as in [::1]:8000; got {address!r}")
+    if not host:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host, int(port)
 
 
 def redact_url(url: str) -> str:

@@ -78,8 +78,11 @@ Hooks that raise (a policy's, the admission limits', the gate's, the pool's)
   request's completion, and a queue timer never raises. Releasing runs inside
   those completions and callbacks: a queued head whose pool read (`has_room`)
   raises is refused; another read that raises (the gate's, the limits') is
-  logged and releasing resumes at the next completion or wake. `sort_key` must not
-  raise (it is a read of the policy's own state).
+  logged and releasing resumes at the next completion or wake; re-keying a
+  workload whose limits raise leaves it out of the running (its requests time
+  out, counted) until a completion of its own or a reconfigure, at weight 1 in
+  the queue shares. `sort_key` must not raise (it is a read of the policy's own
+  state).
 
 Concurrency: single-threaded, on the event loop that owns the controller;
 only the policy's metric reads reach across threads (through the registry).
@@ -289,7 +292,7 @@ class FlowController:
         self._versions: dict[str, int] = {}
         """The version of each backlogged workload's one live heap entry."""
         self._version = itertools.count()
-        self._shares = QueueShares(lambda workload_id: self._limits(workload_id).weight or 1.0)
+        self._shares = QueueShares(self._weight_of)
         self._queued = 0
         self._in_flight = 0
         self._running: dict[str, int] = {}
@@ -382,10 +385,13 @@ class FlowController:
         ticket._decide(Outcome.REJECTED_INTERNAL, now)
 
     def _failed(self, hook: str, ticket: Ticket, error: Exception) -> None:
+        self._hook_failed(hook, ticket.request.workload_id, error)
+
+    def _hook_failed(self, hook: str, workload_id: str, error: Exception) -> None:
         self._log.error(
             "flow-control hook failed",
             hook=hook,
-            workload=ticket.request.workload_id,
+            workload=workload_id,
             error=f"{type(error).__name__}: {error}"[:500],
             exc_info=error,
         )
@@ -686,7 +692,7 @@ class FlowController:
         criticalities = self._criticalities.get(workload_id)
         if not self._policy.stable_keys or not criticalities:
             return
-        if not self._under_cap(workload_id, self._limits(workload_id)):
+        if not self._readably_under_cap(workload_id):
             self._versions.pop(workload_id, None)  # out of the running until a completion
             return
         best: tuple[tuple[float, ...], FlowKey] | None = None
@@ -701,6 +707,28 @@ class FlowController:
         heapq.heappush(self._heap, (best[0], version, best[1]))
         if len(self._heap) > 4 * len(self._versions) + 64:
             self._compact()
+
+    # Re-keying, here and in the queue shares, runs inside enqueue after the request
+    # joined, inside completions and inside queue timers, where nothing may escape:
+    # a limits read that raises there is logged and read as below.
+
+    def _readably_under_cap(self, workload_id: str) -> bool:
+        """`_under_cap`; False when the limits raised: the workload waits out of the
+        running (its requests still time out, counted) until a completion of its own or a
+        reconfigure re-keys it."""
+        try:
+            return self._under_cap(workload_id, self._limits(workload_id))
+        except Exception as error:
+            self._hook_failed("limits", workload_id, error)
+            return False
+
+    def _weight_of(self, workload_id: str) -> float:
+        """Its weight in the queue shares; the default 1 when the limits raised."""
+        try:
+            return self._limits(workload_id).weight or 1.0
+        except Exception as error:
+            self._hook_failed("limits", workload_id, error)
+            return 1.0
 
     def _compact(self) -> None:
         """Drop superseded entries, so the heap stays proportional to the workloads."""

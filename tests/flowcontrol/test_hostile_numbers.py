@@ -10,6 +10,7 @@ import pytest
 from extproc.capacity.static import StaticCapacity
 from extproc.clock import VirtualClock
 from extproc.contracts import MAX_TOKENS, PickRequest, QueuedRequest, TokenCount
+from extproc.flowcontrol.admission import WorkloadLimits
 from extproc.flowcontrol.fair_share import FairSharePolicy
 from extproc.flowcontrol.policy import FcfsPolicy
 from extproc.flowcontrol.queue import FlowController, FlowRequest, Ticket
@@ -413,4 +414,30 @@ def test_a_gate_read_raising_in_a_completion_is_logged_and_the_queue_still_serve
     flow.wake()
     assert waiting.outcome is Outcome.DISPATCHED
     waiting.close()
+    assert (flow.in_flight, flow.queued) == (0, 0)
+
+
+def test_limits_that_raise_while_re_keying_escape_neither_enqueue_nor_a_completion() -> None:
+    """Re-keying read the limits unguarded: raising there escaped `enqueue` after the
+    request had joined the queue, and a completion's `close()`."""
+    broken = {"on": True}
+    flow: FlowController
+
+    def limits(workload_id: str) -> WorkloadLimits:
+        if broken["on"] and flow.queued_for(workload_id):
+            raise Bomb("limits table mid-reload")
+        return WorkloadLimits()
+
+    flow = FlowController(
+        FairSharePolicy(), VirtualClock(), limits=limits, max_concurrency=1, queue_timeout=30.0
+    )
+    first = flow.enqueue(FlowRequest("w", 3))
+    queued = flow.enqueue(FlowRequest("w", 3))  # re-keyed as it joins: the read raises
+    assert (first.outcome, queued.outcome) == (Outcome.DISPATCHED, None)
+    first.close()  # the completion re-keys "w": the read raises again
+    assert (flow.in_flight, flow.queued) == (0, 1)  # held back, not lost
+    broken["on"] = False
+    flow.reconfigure()  # the limits readable again: back in the running
+    assert queued.outcome is Outcome.DISPATCHED
+    queued.close()
     assert (flow.in_flight, flow.queued) == (0, 0)

@@ -27,3 +27,15 @@ def test_serve_refuses_an_unusable_dns_name_with_one_line(
     assert len(lines) == 1
     assert "--endpoints-dns" in lines[0]
     assert "'a..b' is not a DNS name" in lines[0]
+
+
+@pytest.mark.parametrize("listen", ["::1:9002", "[::1:9002", "::1]:9002", "[]:9002"])
+def test_an_ipv6_listen_address_needs_its_brackets(listen: str) -> None:
+    """'::1:9002' was taken as host '::1', port 9002: a guess, not what it says."""
+    with pytest.raises(ValidationError) as error:
+        load_settings({"listen": listen}, use_env=False)
+    assert "--listen" in describe_error(error.value)
+
+
+def test_a_bracketed_ipv6_listen_address_is_host_and_port() -> None:
+    assert load_settings({"listen": "[::1]:9002"}, use_env=False).listen == "[::1]:9002"

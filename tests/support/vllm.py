@@ -152,6 +152,18 @@ class VllmServer:
         async with http.get(f"{self.url}/metrics") as reply:
             return Page.parse(await reply.text())
 
+    async def gauges(self, http: aiohttp.ClientSession, *names: str) -> dict[str, float]:
+        """Just these series (summed over label sets): a full parse of the ~100 KB page
+        takes the client's CPU from vLLM and stretched a 50 ms sampling period to ~235 ms."""
+        async with http.get(f"{self.url}/metrics") as reply:
+            text = await reply.text()
+        found = {}
+        for line in text.splitlines():
+            name = line.partition("{")[0].partition(" ")[0]
+            if name in names:
+                found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        return found
+
 
 @dataclass(frozen=True)
 class Histogram:
