@@ -16,8 +16,9 @@ def parse_address(address: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host or "[" in host or "]" in host:
-        # "::1:80" could be ::1 port 80 or the address ::1:80 with no port at all.
-        raise ValueError(f"an IPv6 host goes in brackets, as in [::1]:8000; got {address!r}")
+        # "::1:80" could be ::1 port 80 or the address ::1:80 with no port at all, and
+        # Envoy cannot route to it as written.
+        raise ValueError(f"expected IPv6 in brackets, as [::1]:8000, got {address!r}")
     if not host:
         raise ValueError(f"expected HOST:PORT, got {address!r}")
     return host, int(port)

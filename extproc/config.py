@@ -342,7 +342,7 @@ class Settings(BaseSettings):
     @classmethod
     def _endpoint_addresses(cls, value: list[str]) -> list[str]:
         for address in value:
-            host = _routable_host(address)
+            host, _ = parse_address(address)
             try:
                 ipaddress.ip_address(host)
             except ValueError:
@@ -353,7 +353,7 @@ class Settings(BaseSettings):
     @classmethod
     def _dns_names(cls, value: list[str]) -> list[str]:
         for name in value:
-            host = _routable_host(name)
+            host, _ = parse_address(name)
             if not _DNS_NAME.fullmatch(host) or len(host) > 253:
                 raise ValueError(
                     f"expected NAME:PORT, {host!r} is not a DNS name (dot-separated labels of "
@@ -494,15 +494,6 @@ class Settings(BaseSettings):
 
 
 _DNS_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
-
-
-def _routable_host(address: str) -> str:
-    """The host of HOST:PORT, refusing an IPv6 address without brackets: "::1:8000" is
-    ambiguous, and Envoy cannot route to it as written."""
-    host, _ = parse_address(address)
-    if ":" in host and not address.startswith("["):
-        raise ValueError(f"expected IPv6 in brackets, as [::1]:8000, got {address!r}")
-    return host
 
 
 def _names(value: str) -> tuple[str, ...]:

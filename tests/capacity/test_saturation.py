@@ -46,8 +46,10 @@ def test_a_queue_inside_the_server_pulls_the_slot_estimate_half_way_to_running()
     for _ in range(18):
         server.dispatched()
     server.read(Reading(waiting=10, kv_cache_usage=None, running=8))  # capacity lost
-    assert server.slots == 12
+    assert server.slots == 16  # one scrape could be a snapshot between two steps
     assert server.room() == 0
+    server.read(Reading(waiting=10, kv_cache_usage=None, running=8))  # two: believed
+    assert server.slots == 12
     server.read(Reading(waiting=10, kv_cache_usage=None, running=8))
     assert server.slots == 10
     for slots in (9, 8, 8):  # whole requests: the estimate reaches the truth
@@ -58,6 +60,21 @@ def test_a_queue_inside_the_server_pulls_the_slot_estimate_half_way_to_running()
     assert server.slots == 8
     server.read(Reading(waiting=1, kv_cache_usage=None, running=12))  # below the truth: up at once
     assert server.slots == 12
+
+
+def test_one_snapshot_between_two_scheduler_steps_leaves_the_slot_count_alone() -> None:
+    """vLLM takes its gauges after a step, before admitting the waiting: a real vLLM
+    with 2 slots read 1 running and 2 waiting in 12-18% of snapshots, and each such
+    scrape took S from 2 to 1 (the gate then held one request fewer)."""
+    server, _ = load()
+    full = Reading(waiting=2, kv_cache_usage=None, running=2)
+    between_steps = Reading(waiting=2, kv_cache_usage=None, running=1)
+    for reading in (full, between_steps, full, between_steps, full):
+        server.read(reading)
+        assert server.slots == 2
+    server.read(between_steps)
+    server.read(between_steps)  # two in a row: the server did lose a slot
+    assert server.slots == 1
 
 
 def test_only_the_queue_counts_against_the_threshold_and_completions_free_room_at_once() -> None:
