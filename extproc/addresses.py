@@ -24,6 +24,11 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def format_address(host: str, port: int) -> str:
+    """HOST:PORT as `parse_address` reads it back: an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def redact_url(url: str) -> str:
     """The URL without its password, for logs and `config show`."""
     scheme, sep, rest = url.partition("://")

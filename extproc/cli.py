@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from extproc import __version__
-from extproc.addresses import parse_address
+from extproc.addresses import format_address, parse_address
 from extproc.config import (
     ENV_PREFIX,
     ConfigFile,
@@ -248,7 +248,7 @@ def _health_address(args: dict[str, object]) -> str | None:
         print(f"extproc: {error}", file=sys.stderr)
         return None
     wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
-    return f"{wildcard.get(host, host)}:{port}"
+    return format_address(wildcard.get(host, host), port)
 
 
 def _file_error(error: ValidationError, config: ConfigFile) -> str:

@@ -79,10 +79,9 @@ Hooks that raise (a policy's, the admission limits', the gate's, the pool's)
   those completions and callbacks: a queued head whose pool read (`has_room`)
   raises is refused; another read that raises (the gate's, the limits') is
   logged and releasing resumes at the next completion or wake; re-keying a
-  workload whose limits raise leaves it out of the running (its requests time
-  out, counted) until a completion of its own or a reconfigure, at weight 1 in
-  the queue shares. `sort_key` must not raise (it is a read of the policy's own
-  state).
+  workload whose limits raise leaves it out of the running, tried again at each
+  of those (logged once until it reads), and at weight 1 in the queue shares.
+  `sort_key` must not raise (it is a read of the policy's own state).
 
 Concurrency: single-threaded, on the event loop that owns the controller;
 only the policy's metric reads reach across threads (through the registry).
@@ -291,6 +290,9 @@ class FlowController:
         self._heap: list[tuple[tuple[float, ...], int, FlowKey]] = []
         self._versions: dict[str, int] = {}
         """The version of each backlogged workload's one live heap entry."""
+        self._unreadable: set[str] = set()
+        """Workloads out of the running because their limits raised: re-keyed, and the
+        failure logged once, at every dispatch round until the read works."""
         self._version = itertools.count()
         self._shares = QueueShares(self._weight_of)
         self._queued = 0
@@ -606,6 +608,11 @@ class FlowController:
             )
 
     def _release_ready(self) -> None:
+        for workload_id in list(self._unreadable):
+            if workload_id in self._criticalities:
+                self._rekey(workload_id)
+            else:  # nothing of it queued any more
+                self._unreadable.discard(workload_id)
         while self._flows and self._has_free_slot():
             started = time.perf_counter()
             try:
@@ -714,21 +721,27 @@ class FlowController:
 
     def _readably_under_cap(self, workload_id: str) -> bool:
         """`_under_cap`; False when the limits raised: the workload waits out of the
-        running (its requests still time out, counted) until a completion of its own or a
-        reconfigure re-keys it."""
+        running, and every dispatch round tries it again."""
         try:
-            return self._under_cap(workload_id, self._limits(workload_id))
+            under_cap = self._under_cap(workload_id, self._limits(workload_id))
         except Exception as error:
-            self._hook_failed("limits", workload_id, error)
+            self._limits_unreadable(workload_id, error)
             return False
+        self._unreadable.discard(workload_id)
+        return under_cap
 
     def _weight_of(self, workload_id: str) -> float:
         """Its weight in the queue shares; the default 1 when the limits raised."""
         try:
             return self._limits(workload_id).weight or 1.0
         except Exception as error:
-            self._hook_failed("limits", workload_id, error)
+            self._limits_unreadable(workload_id, error)
             return 1.0
+
+    def _limits_unreadable(self, workload_id: str, error: Exception) -> None:
+        if workload_id not in self._unreadable:  # once, not at every dispatch round
+            self._unreadable.add(workload_id)
+            self._hook_failed("limits", workload_id, error)
 
     def _compact(self) -> None:
         """Drop superseded entries, so the heap stays proportional to the workloads."""

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 
-from extproc.addresses import parse_address
+from extproc.addresses import format_address, parse_address
 from extproc.pool.pool import EndpointPool
 from extproc.tasks import cancel_and_wait
 
@@ -30,10 +30,6 @@ Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 def add_static(pool: EndpointPool, addresses: Sequence[str]) -> None:
     pool.update("static", dict.fromkeys(addresses, True))
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def resolve(name: str, port: int) -> list[str]:

@@ -48,8 +48,8 @@ from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.core_v1 import Pod
 
+from extproc.addresses import format_address
 from extproc.objectives import ObjectiveTable
-from extproc.pool.discovery import format_address
 from extproc.pool.pool import EndpointPool
 from extproc.tasks import cancel_and_wait
 

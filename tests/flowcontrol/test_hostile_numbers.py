@@ -437,7 +437,7 @@ def test_limits_that_raise_while_re_keying_escape_neither_enqueue_nor_a_completi
     first.close()  # the completion re-keys "w": the read raises again
     assert (flow.in_flight, flow.queued) == (0, 1)  # held back, not lost
     broken["on"] = False
-    flow.reconfigure()  # the limits readable again: back in the running
+    flow.wake()  # the limits readable again: back in the running at the next round
     assert queued.outcome is Outcome.DISPATCHED
     queued.close()
     assert (flow.in_flight, flow.queued) == (0, 0)

@@ -9,6 +9,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
+from extproc.cli import _health_address
 from extproc.config import Settings
 from tests.conftest import StartService
 from tests.support.extproc_client import workload_headers
@@ -42,3 +43,19 @@ async def test_the_health_port_answers_plaintext_while_the_grpc_port_serves_tls(
 def test_the_health_address_is_checked() -> None:
     with pytest.raises(ValidationError, match="health_listen"):
         Settings(health_listen="no-port")
+
+
+@pytest.mark.parametrize(
+    ("listen", "dialled"),
+    [
+        ("[::]:9003", "[::1]:9003"),
+        ("[fd00::5]:9003", "[fd00::5]:9003"),
+        ("0.0.0.0:9003", "127.0.0.1:9003"),
+    ],
+)
+def test_the_health_command_dials_an_ipv6_listener_in_brackets(
+    listen: str, dialled: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It dialled '::1:9003', which the address parser (rightly) refuses as ambiguous."""
+    monkeypatch.setenv("EXTPROC_HEALTH_LISTEN", listen)
+    assert _health_address({"config": None}) == dialled

@@ -157,11 +157,15 @@ class VllmServer:
         takes the client's CPU from vLLM and stretched a 50 ms sampling period to ~235 ms."""
         async with http.get(f"{self.url}/metrics") as reply:
             text = await reply.text()
-        found = {}
+        if reply.status != 200:
+            raise RuntimeError(f"vLLM's /metrics answered {reply.status}: {text[:300]!r}")
+        found: dict[str, float] = {}
         for line in text.splitlines():
             name = line.partition("{")[0].partition(" ")[0]
             if name in names:
                 found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        if missing := set(names) - found.keys():
+            raise RuntimeError(f"no {sorted(missing)} on vLLM's /metrics")
         return found
 
 

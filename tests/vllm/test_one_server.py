@@ -6,7 +6,6 @@ vLLM's own token counters (check 3), the official openai SDK (check 4). Judged b
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import statistics
 import time
@@ -85,7 +84,8 @@ async def flood(
     http: aiohttp.ClientSession, envoy_port: int, server: VllmServer, clients: int, seconds: float
 ) -> tuple[Counter[int], list[float], list[float]]:
     """`clients` loops back to back through Envoy; vLLM's running and waiting gauges
-    sampled every SAMPLE_EVERY s meanwhile (from the first second: past the ramp)."""
+    sampled every SAMPLE_EVERY s meanwhile, from the first second (past the ramp) to
+    the last request sent (not while the backlog drains)."""
     statuses: Counter[int] = Counter()
     refused: list[str] = []
     started = time.monotonic()
@@ -104,18 +104,14 @@ async def flood(
     waiting: list[float] = []
 
     async def sample() -> None:
-        while True:
+        while time.monotonic() < started + seconds:
             gauges = await server.gauges(http, RUNNING, WAITING)
             if time.monotonic() > started + 1:
                 running.append(gauges[RUNNING])
                 waiting.append(gauges[WAITING])
             await asyncio.sleep(SAMPLE_EVERY)
 
-    sampler = asyncio.create_task(sample())
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    sampler.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await sampler
+    await asyncio.gather(sample(), *(client(i) for i in range(clients)))
     for line in refused:
         print("not 200:", line)
     return statuses, running, waiting
