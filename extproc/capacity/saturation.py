@@ -22,10 +22,10 @@ Per endpoint (`ServerLoad`; the endpoint picker keeps one per endpoint too)
   takes its gauges after each step, once finished requests have left and
   before waiting ones are admitted, so a snapshot may read fewer running
   than the next step runs (1 of 2 with 2 waiting, in 12-18% of snapshots
-  against a real vLLM). So R here is the larger running of this scrape and
-  the one before (one odd snapshot moves nothing; a real loss shows in two),
-  and S falls half-way to it, whole requests at a time. While the server
-  queues, first bytes are not evidence.
+  against a real vLLM). So one such scrape lowers nothing; at the second in
+  a row S falls half-way to the larger running of the two (a real loss
+  shows in both), whole requests at a time. While the server queues, first
+  bytes are not evidence.
 - Without a running series R is estimated as min(I throughout the scrape,
   B once first bytes arrive) - W: only what was surely there when the page
   was rendered (dispatches during the scrape may not have arrived).
@@ -202,8 +202,8 @@ class ServerLoad:
         "_low_in_flight",
         "_options",
         "_peak_in_flight",
-        "_previous_running",
         "_proven",
+        "_queued_running",
         "_seen_first_byte",
         "_seen_queue",
         "errors",
@@ -231,10 +231,10 @@ class ServerLoad:
         self.slots = 0.0
         """The learnt slot count S."""
         self._proven = 0.0
-        self._previous_running: float | None = None
-        """What the scrape before the latest read as running."""
         """The most running a scrape confirmed the server can hold; first bytes raise S
         at most the threshold above it."""
+        self._queued_running: float | None = None
+        """What the latest scrape read as running if it also read a queue, else None."""
         self._seen_first_byte = False
         self._seen_queue = False
         """A scrape has caught the server queueing with its running gauge, which was then
@@ -264,17 +264,19 @@ class ServerLoad:
                 running = min(running, self.started_in_flight)
         if reading.waiting > 0:
             # One snapshot between two scheduler steps must not pull S down: a loss
-            # of slots is believed once two scrapes in a row read it.
-            held = max(running, self._previous_running or 0.0)
+            # of slots is believed once two scrapes in a row read a queue.
+            before = self._queued_running
+            held = max(running, self.slots if before is None else before)
             excess = max(0.0, self.slots - held)
             self.slots = held + math.floor(excess / 2)
-            self._proven = held
+            self._proven = max(running, before or 0.0)
+            self._queued_running = running
             # An estimated R (no gauge) may be short by requests in transit: no pin.
             self._seen_queue = reading.running is not None
         else:
+            self._queued_running = None
             self.slots = max(self.slots, running)
             self._proven = max(self._proven, running)
-        self._previous_running = running
         self.foreign = max(0.0, reading.waiting + running - peak)
         self.reading = reading
         self.read_at = self._clock.now()

@@ -634,7 +634,7 @@ class FlowController:
             heads = (
                 next(iter(flow.values()))
                 for (workload_id, _), flow in self._flows.items()
-                if self._under_cap(workload_id, self._limits(workload_id))
+                if self._readably_under_cap(workload_id)
             )
             return min(heads, key=lambda head: self._policy.sort_key(head.request), default=None)
         while self._heap:
@@ -653,7 +653,7 @@ class FlowController:
             heads = [
                 next(iter(flow.values()))
                 for (workload_id, _), flow in self._flows.items()
-                if self._under_cap(workload_id, self._limits(workload_id))
+                if self._readably_under_cap(workload_id)
             ]
             placeable = [head for head in heads if self._fits(head)]
             if not placeable:

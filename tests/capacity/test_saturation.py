@@ -77,6 +77,19 @@ def test_one_snapshot_between_two_scheduler_steps_leaves_the_slot_count_alone() 
     assert server.slots == 1
 
 
+def test_a_snapshot_between_steps_right_after_an_unqueued_scrape_lowers_nothing() -> None:
+    """As load rises: a scrape with no queue reads 1 of 2 running, the next catches the
+    server between two steps (1 running, 2 waiting). That pulled S to 1."""
+    server, _ = load()
+    server.read(Reading(waiting=2, kv_cache_usage=None, running=2))
+    server.read(Reading(waiting=0, kv_cache_usage=None, running=2))
+    server.read(Reading(waiting=0, kv_cache_usage=None, running=1))
+    server.read(Reading(waiting=2, kv_cache_usage=None, running=1))
+    assert server.slots == 2
+    server.read(Reading(waiting=2, kv_cache_usage=None, running=1))
+    assert server.slots == 1
+
+
 def test_only_the_queue_counts_against_the_threshold_and_completions_free_room_at_once() -> None:
     server, _ = load(threshold=2)
     server.read(Reading(waiting=0, kv_cache_usage=None, running=4))

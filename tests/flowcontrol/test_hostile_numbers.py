@@ -12,11 +12,13 @@ from extproc.clock import VirtualClock
 from extproc.contracts import MAX_TOKENS, PickRequest, QueuedRequest, TokenCount
 from extproc.flowcontrol.admission import WorkloadLimits
 from extproc.flowcontrol.fair_share import FairSharePolicy
-from extproc.flowcontrol.policy import FcfsPolicy
+from extproc.flowcontrol.policy import FcfsPolicy, WorkloadAwarePolicy
 from extproc.flowcontrol.queue import FlowController, FlowRequest, Ticket
 from extproc.outcomes import Outcome, rejection_for
 from extproc.pool.body import parse
 from extproc.pool.usage import estimate
+from extproc.registry.datastore import RegistryDatastore
+from extproc.registry.memory import InMemoryWorkloadRegistry
 from tests.pool.support import make_pool
 
 
@@ -441,3 +443,27 @@ def test_limits_that_raise_while_re_keying_escape_neither_enqueue_nor_a_completi
     assert queued.outcome is Outcome.DISPATCHED
     queued.close()
     assert (flow.in_flight, flow.queued) == (0, 0)
+
+
+def test_limits_that_raise_under_a_time_keyed_policy_hold_back_only_their_workload() -> None:
+    """workload-aware re-reads every head's limits at each pick: one workload's raising
+    read failed every dispatch round, and the others' requests waited with slots free."""
+    clock = VirtualClock(100.0)
+    datastore = RegistryDatastore(InMemoryWorkloadRegistry(clock))
+    flow: FlowController
+
+    def limits(workload_id: str) -> WorkloadLimits:
+        if workload_id == "bad" and flow.queued_for(workload_id):
+            raise Bomb("limits table mid-reload")
+        return WorkloadLimits()
+
+    flow = FlowController(
+        WorkloadAwarePolicy(datastore, clock), clock, limits=limits, max_concurrency=1
+    )
+    first = flow.enqueue(FlowRequest("good", 3))
+    held = flow.enqueue(FlowRequest("bad", 3))
+    waiting = flow.enqueue(FlowRequest("good", 3))
+    first.close()
+    assert (held.outcome, waiting.outcome) == (None, Outcome.DISPATCHED)
+    waiting.close()
+    assert (flow.in_flight, flow.queued) == (0, 1)
