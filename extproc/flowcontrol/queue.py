@@ -291,8 +291,8 @@ class FlowController:
         self._versions: dict[str, int] = {}
         """The version of each backlogged workload's one live heap entry."""
         self._unreadable: set[str] = set()
-        """Workloads out of the running because their limits raised: re-keyed, and the
-        failure logged once, at every dispatch round until the read works."""
+        """Workloads out of the running because their limits raised: re-keyed at every
+        dispatch round until the read works (the failure is logged once)."""
         self._version = itertools.count()
         self._shares = QueueShares(self._weight_of)
         self._queued = 0
@@ -717,7 +717,7 @@ class FlowController:
 
     # Re-keying, here and in the queue shares, runs inside enqueue after the request
     # joined, inside completions and inside queue timers, where nothing may escape:
-    # a limits read that raises there is logged and read as below.
+    # a limits read that raises there is logged once and answered as below.
 
     def _readably_under_cap(self, workload_id: str) -> bool:
         """`_under_cap`; False when the limits raised: the workload waits out of the
