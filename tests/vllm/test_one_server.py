@@ -22,6 +22,7 @@ from tests.vllm.conftest import Stack
 
 SLOTS = 2
 SAMPLE_EVERY = 0.05
+RUNNING, WAITING = "vllm:num_requests_running", "vllm:num_requests_waiting"
 
 
 @pytest.fixture
@@ -75,9 +76,6 @@ async def test_the_openai_sdk_through_envoy_and_the_service(
     assert after.delta(before, "vllm:request_success_total") == 3  # vLLM served all three
     assert after.delta(before, "vllm:generation_tokens_total") == 8 + 12 + 5
     await eventually(lambda: active(service, "sdk") == 0 and service.flow.in_flight == 0)
-
-
-RUNNING, WAITING = "vllm:num_requests_running", "vllm:num_requests_waiting"
 
 
 async def flood(
